@@ -1,0 +1,151 @@
+"""Find the LoRA factors of a PEFT model and check that a method can handle them.
+
+This is the only module that knows PEFT's classes. It turns a model into a list of
+:class:`LoRAFactors` records (one per layer and adapter) that the methods work on.
+
+Supported: ``peft.tuners.lora.Linear`` adapters (plain LoRA, rsLoRA, any ``lora_alpha``,
+``fan_in_fan_out`` such as GPT-2's ``Conv1D``, several adapters and ranks per model).
+Not supported: LoRA variants that change the forward pass (DoRA and other
+``lora_variant``s), ``Embedding``, ``Conv1d/2d/3d``, ``MultiheadAttention`` and
+parameter-targeting LoRA. ScaLoRA additionally needs a plain floating-point base weight
+it can merge into (no quantised base layers).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+SUPPORTED = "peft LoRA `Linear` layers (incl. fan_in_fan_out / GPT-2 Conv1D, rsLoRA, several adapters)"
+
+
+@dataclass(eq=False)
+class LoRAFactors:
+    """One adapter of one LoRA layer.
+
+    PEFT layout: ``lora_A`` is ``r x in``, ``lora_B`` is ``out x r`` and the layer computes
+    ``base(x) + scaling * lora_B(lora_A(x))``. In the papers' notation (mapping M1)
+    ``A = lora_A.T`` (in x r) and ``B = lora_B`` (out x r).
+    """
+
+    name: str  # "<module path>[<adapter>]"
+    module: nn.Module  # the peft LoraLayer
+    adapter: str
+
+    @property
+    def lora_A(self) -> nn.Parameter:
+        return self.module.lora_A[self.adapter].weight
+
+    @property
+    def lora_B(self) -> nn.Parameter:
+        return self.module.lora_B[self.adapter].weight
+
+    @property
+    def scaling(self) -> float:
+        return float(self.module.scaling[self.adapter])
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        """Frozen base weight, as stored (``in x out`` when ``fan_in_fan_out``)."""
+        return self.module.get_base_layer().weight
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return bool(getattr(self.module, "fan_in_fan_out", False))
+
+
+def _lora_classes():
+    try:
+        from peft.tuners.lora import Linear, LoraLayer
+    except ImportError as exc:  # pragma: no cover - peft is a hard dependency
+        raise ImportError("optlora needs `peft` (pip install peft)") from exc
+    return LoraLayer, Linear
+
+
+def _unsupported_reason(module: nn.Module, adapter: str, linear_cls: type) -> str | None:
+    if not isinstance(module, linear_cls):
+        return f"{type(module).__name__} LoRA layers are not supported"
+    if getattr(module, "use_dora", {}).get(adapter, False):
+        return "DoRA (use_dora=True) is not supported"
+    variant = getattr(module, "lora_variant", {}).get(adapter)
+    if variant is not None:
+        return f"the LoRA variant {type(variant).__name__} is not supported"
+    if not isinstance(module.lora_A[adapter], nn.Linear) or not isinstance(module.lora_B[adapter], nn.Linear):
+        return "lora_A/lora_B are not nn.Linear"
+    return None
+
+
+def _check_mergeable(f: LoRAFactors) -> str | None:
+    base = f.module.get_base_layer()
+    w = getattr(base, "weight", None)
+    if type(w) not in (torch.Tensor, nn.Parameter) or not w.is_floating_point():
+        return f"base layer {type(base).__name__} has no plain floating-point weight to merge into (quantised?)"
+    expected = (f.lora_B.shape[0], f.lora_A.shape[1])
+    shape = tuple(w.shape[::-1]) if f.fan_in_fan_out else tuple(w.shape)
+    if shape != expected:
+        return f"base weight shape {tuple(w.shape)} does not match the adapter ({expected}, fan_in_fan_out={f.fan_in_fan_out})"
+    return None
+
+
+def find_lora_factors(model: nn.Module, *, mergeable: bool = False, skip_unsupported: bool = False) -> list[LoRAFactors]:
+    """All trainable LoRA adapters of ``model``, checked for support.
+
+    Args:
+        model: a ``PeftModel`` or any module containing PEFT LoRA layers.
+        mergeable: also require a base weight that can absorb ``B @ A`` (ScaLoRA).
+        skip_unsupported: warn about and leave out unsupported adapters instead of raising.
+
+    Raises:
+        ValueError: no trainable LoRA adapter, or an unsupported one (naming the layer).
+    """
+    lora_layer, linear_cls = _lora_classes()
+    found, problems = [], []
+    for path, module in model.named_modules():
+        if not isinstance(module, lora_layer):
+            continue
+        adapters = list(getattr(module, "lora_A", {}).keys()) + list(getattr(module, "lora_embedding_A", {}).keys())
+        for adapter in adapters:
+            params = [p for p in module.parameters() if p.requires_grad]
+            if not params:
+                continue
+            name = f"{path}[{adapter}]"
+            reason = _unsupported_reason(module, adapter, linear_cls)
+            f = LoRAFactors(name, module, adapter)
+            if reason is None and not (f.lora_A.requires_grad and f.lora_B.requires_grad):
+                continue  # a frozen adapter: not being trained, nothing to do
+            if reason is None and mergeable:
+                reason = _check_mergeable(f)
+            if reason is None:
+                found.append(f)
+            else:
+                problems.append(f"{name}: {reason}")
+    if problems:
+        msg = f"unsupported LoRA layer(s); optlora supports {SUPPORTED}:\n  " + "\n  ".join(problems)
+        if not skip_unsupported:
+            raise ValueError(msg + "\nPass skip_unsupported=True to train those as plain LoRA.")
+        warnings.warn(msg + "\nThey are trained as plain LoRA.", stacklevel=3)
+    if not found:
+        raise ValueError(
+            f"{type(model).__name__} has no trainable PEFT LoRA layer; wrap it first, e.g. "
+            "`model = peft.get_peft_model(model, LoraConfig(r=8, target_modules='all-linear'))`"
+        )
+    return found
+
+
+def unwrap_optimizer(optimizer):
+    """The ``torch.optim.Optimizer`` inside wrappers such as accelerate's ``AcceleratedOptimizer``."""
+    seen = set()
+    while not isinstance(optimizer, torch.optim.Optimizer):
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or id(inner) in seen:
+            raise TypeError(f"expected a torch.optim.Optimizer (or a wrapper of one), got {type(optimizer).__name__}")
+        seen.add(id(optimizer))
+        optimizer = inner
+    return optimizer

@@ -1,0 +1,240 @@
+"""The per-step state machine shared by every optlora method.
+
+A method is attached to an optimizer as a *step pre-hook*: it runs after ``backward``,
+gradient clipping and AMP unscaling, and before ``optimizer.step()``. A step that
+``GradScaler`` skips for inf/NaN never reaches the hook and does not count. On a step
+that is due (after ``warmup_steps`` plain LoRA steps, then every ``interval`` steps) the
+hook runs three phases:
+
+1. *plan*: compute every layer's closed form from its factors and gradients, batched
+   over layers of the same shape (no parameter is touched yet);
+2. *check*: if any layer's gradient is NaN/Inf, raise naming the layers (default), or
+   leave those layers to the plain step (``on_nonfinite="skip"``);
+3. *apply*: precondition gradients (RefLoRA) or rescale factors, gradients and
+   optimizer moments (RefLoRA-S, ScaLoRA), merging into the base weight (ScaLoRA).
+
+Subclasses implement ``_plan`` and ``_apply`` only.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from .discovery import LoRAFactors, find_lora_factors, unwrap_optimizer
+from .optimizer_state import require_moment_rule, scale_param_state_
+
+_ATTACHED = "_optlora_method"
+
+
+class LayerGroup:
+    """Same-shape, same-dtype, same-device adapters, processed as one batch."""
+
+    def __init__(self, factors: list[LoRAFactors]):
+        self.factors = factors
+
+    def stack(self, what: str, dtype: torch.dtype) -> torch.Tensor:
+        """``what`` in {"A", "B", "gA", "gB"}: stacked (L, ...) copy in ``dtype``."""
+        get = {
+            "A": lambda f: f.lora_A,
+            "B": lambda f: f.lora_B,
+            "gA": lambda f: f.lora_A.grad,
+            "gB": lambda f: f.lora_B.grad,
+        }[what]
+        return torch.stack([get(f).detach() for f in self.factors]).to(dtype)
+
+    def scalings(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor([f.scaling for f in self.factors], dtype=dtype, device=self.factors[0].lora_A.device)
+
+
+def group_factors(factors: list[LoRAFactors]) -> list[LayerGroup]:
+    groups: dict[tuple, list[LoRAFactors]] = defaultdict(list)
+    for f in factors:
+        key = (f.lora_A.device, f.lora_A.dtype, f.lora_B.dtype, tuple(f.lora_A.shape), tuple(f.lora_B.shape))
+        groups[key].append(f)
+    return [LayerGroup(v) for v in groups.values()]
+
+
+class LoRAMethod:
+    """Base class: warm-up, interval, attach/detach, checks, state_dict and stats."""
+
+    name = "lora"
+    #: the method rescales factors and must transfer optimizer moments
+    transfers_moments = False
+    #: the method merges into base weights (needs mergeable layers)
+    merges = False
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        warmup_steps: int = 100,
+        interval: int = 1,
+        on_nonfinite: str = "raise",
+        skip_unsupported: bool = False,
+        compute_dtype: torch.dtype = torch.float64,
+    ):
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        if not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"interval must be an int >= 1, got {interval!r}")
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        if compute_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
+        self.model = model
+        self.warmup_steps = warmup_steps
+        self.interval = interval
+        self.on_nonfinite = on_nonfinite
+        self.compute_dtype = compute_dtype
+        self.factors = find_lora_factors(model, mergeable=self.merges, skip_unsupported=skip_unsupported)
+        self._groups = group_factors(self.factors)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._rule: dict[str, int] | None = None
+        self._handle = None
+        self.steps = 0  # optimizer steps seen
+        self.method_steps = 0  # steps on which the method was applied
+        self._last: dict[str, torch.Tensor] = {}  # device tensors from the last applied step
+
+    # ------------------------------------------------------------------ wiring
+    def attach(self, optimizer) -> LoRAMethod:
+        """Apply the method at every ``optimizer.step()`` from now on; returns ``self``."""
+        if self._handle is not None:
+            raise RuntimeError(f"{type(self).__name__} is already attached to an optimizer; call detach() first")
+        opt = unwrap_optimizer(optimizer)
+        other = getattr(opt, _ATTACHED, None)
+        if other is not None and other is not self:
+            raise RuntimeError(f"this optimizer already has {type(other).__name__} attached; detach it first")
+        held = {id(p) for group in opt.param_groups for p in group["params"]}
+        missing = [f.name for f in self.factors if id(f.lora_A) not in held or id(f.lora_B) not in held]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ValueError(f"the optimizer does not hold the LoRA parameters of {shown}; build it from model.parameters()")
+        if self.transfers_moments:
+            self._rule = require_moment_rule(opt, type(self).__name__)
+        self._check_optimizer(opt)
+        self.optimizer = opt
+        self._handle = opt.register_step_pre_hook(self._pre_step)
+        setattr(opt, _ATTACHED, self)
+        return self
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+            if getattr(self.optimizer, _ATTACHED, None) is self:
+                delattr(self.optimizer, _ATTACHED)
+            self.optimizer = None
+
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Hook for subclasses (e.g. refuse sharded parameters)."""
+
+    def is_due(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (1-based) applies the method (RefLoRA code semantics)."""
+        return step > self.warmup_steps and (step - self.warmup_steps - 1) % self.interval == 0
+
+    # ------------------------------------------------------------------ the step
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        self.steps += 1
+        if not self.is_due(self.steps):
+            return
+        groups = self._active_groups()
+        if not groups:
+            return
+        with torch.no_grad():
+            plans = [self._plan(g) for g in groups]
+            finite = [p["finite"] for p in plans]
+            if self.on_nonfinite == "raise":
+                bad = [f.name for g, ok in zip(groups, finite) for f, o in zip(g.factors, ok.tolist()) if not o]
+                if bad:
+                    self.steps -= 1
+                    raise RuntimeError(
+                        f"{type(self).__name__}: non-finite gradient or factor in {len(bad)} LoRA layer(s): "
+                        + ", ".join(bad[:5])
+                        + ". Nothing was modified. Use a GradScaler/clipping, lower the learning rate, or pass "
+                        "on_nonfinite='skip' to leave such layers to the plain optimizer step."
+                    )
+            for g, p in zip(groups, plans):
+                self._apply(g, p)
+        self.method_steps += 1
+        self._last = {k: torch.cat([p[k] for p in plans]) for k in plans[0] if k in ("finite", "ok", "column")}
+        self._last_names = [f.name for g in groups for f in g.factors]
+
+    def _active_groups(self) -> list[LayerGroup]:
+        """Groups restricted to adapters that received a gradient this step."""
+        out = []
+        for g in self._groups:
+            live = [f for f in g.factors if f.lora_A.grad is not None and f.lora_B.grad is not None]
+            if len(live) == len(g.factors):
+                out.append(g)
+            elif live:
+                out.append(LayerGroup(live))
+        return out
+
+    def _plan(self, group: LayerGroup) -> dict[str, torch.Tensor]:
+        """Closed forms for one group; must return at least bool masks ``finite`` and ``ok``."""
+        raise NotImplementedError
+
+    def _apply(self, group: LayerGroup, plan: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _finite(*stacked: torch.Tensor) -> torch.Tensor:
+        """Per-layer finiteness of stacked (L, ...) tensors."""
+        ok = None
+        for t in stacked:
+            f = torch.isfinite(t).flatten(1).all(1)
+            ok = f if ok is None else ok & f
+        return ok
+
+    # ------------------------------------------------------------------ shared rescale
+    def _rescale_(self, f: LoRAFactors, alpha: torch.Tensor, beta: torch.Tensor) -> None:
+        """``A~ = A diag(alpha)``, ``B~ = B diag(beta)`` at the same full weight, in PEFT layout.
+
+        ``lora_A`` rows scale by ``alpha`` and its gradient/moments by ``beta``; ``lora_B``
+        columns scale by ``beta`` and its gradient/moments by ``alpha`` (chain rule).
+        """
+        A, B = f.lora_A, f.lora_B
+        a_row, b_col = alpha[:, None], beta[None, :]
+        b_row, a_col = beta[:, None], alpha[None, :]
+        A.mul_(a_row.to(A.dtype))
+        B.mul_(b_col.to(B.dtype))
+        A.grad.mul_(b_row.to(A.grad.dtype))
+        B.grad.mul_(a_col.to(B.grad.dtype))
+        if self._rule is not None and self.optimizer is not None:
+            scale_param_state_(self.optimizer, self._rule, A, b_row)
+            scale_param_state_(self.optimizer, self._rule, B, a_col)
+
+    # ------------------------------------------------------------------ state
+    def config(self) -> dict:
+        return {"method": self.name, "warmup_steps": self.warmup_steps, "interval": self.interval}
+
+    def state_dict(self) -> dict:
+        """Counters and configuration (subclasses add what they own). Tensors are not copied."""
+        return {"config": self.config(), "steps": self.steps, "method_steps": self.method_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("config") != self.config():
+            raise ValueError(f"state_dict was saved with config {state.get('config')}, this method has {self.config()}")
+        self.steps = int(state["steps"])
+        self.method_steps = int(state["method_steps"])
+
+    def stats(self) -> dict:
+        """What happened so far; reading it synchronises with the device."""
+        out = {
+            "method": self.name,
+            "layers": len(self.factors),
+            "steps": self.steps,
+            "method_steps": self.method_steps,
+            "next_step_applies": self.is_due(self.steps + 1),
+        }
+        if self._last:
+            ok = self._last["ok"] & self._last["finite"]
+            out["last_layers"] = int(ok.numel())
+            out["last_skipped_layers"] = [n for n, o in zip(self._last_names, ok.tolist()) if not o]
+        return out
+
+    def __repr__(self) -> str:
+        cfg = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "method")
+        return f"{type(self).__name__}({len(self.factors)} LoRA layers, {cfg})"

@@ -1,0 +1,99 @@
+"""RefLoRA and RefLoRA-S (Zhang, Li, Giannakis, arXiv:2505.18877).
+
+LoRA's factorisation ``A B^T`` is not unique: ``(A P, B P^{-T})`` gives the same weight
+for any invertible ``P``. RefLoRA picks, at every step, the equivalent factorisation
+whose gradient step minimises an upper bound on the loss.
+
+* **RefLoRA** (Theorem 3, balanced case): refactor with ``S = P P^T`` the geometric mean
+  ``(A^T A)^{-1} # (B^T B)``, step, refactor back. This is gradient preconditioning
+  ``dA <- dA S^{-1}``, ``dB <- dB S`` before the optimizer step, so it works with any
+  optimizer and needs no moment transfer (the paper's "refactor back" for Adam).
+* **RefLoRA-S** (Theorem 5): ``S = s* I`` with ``s* = ||B||_F / ||A||_F``; the factors
+  themselves are refactored (``A <- sqrt(s*) A``, ``B <- B / sqrt(s*)``), their gradients
+  follow the chain rule and Adam/SGD moments are rescaled (RefLoRA Sec. 3.3).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .functional import RANK_TOL, reflora_preconditioner, reflora_s_scale
+from .method import LayerGroup, LoRAMethod
+
+
+class RefLoRA(LoRAMethod):
+    """RefLoRA (``scalar=False``) or RefLoRA-S (``scalar=True``) for a PEFT LoRA model.
+
+    Example::
+
+        optimizer = torch.optim.AdamW((p for p in model.parameters() if p.requires_grad), lr=2e-4)
+        method = optlora.RefLoRA(model, warmup_steps=100)
+        method.attach(optimizer)        # optimizer.step() now takes RefLoRA's step
+
+    Args:
+        model: a PEFT model with LoRA ``Linear`` adapters.
+        scalar: RefLoRA-S (scalar refactoring, ``O((m+n) r)`` per layer) instead of RefLoRA.
+        warmup_steps: plain LoRA steps first. PEFT initialises ``lora_B = 0``, where the
+            geometric mean is 0 and RefLoRA cannot move (violates Assumption 1). The paper
+            uses 100 (GLUE, LLaMA2/3) or 200 (LLaMA-7B).
+        interval: apply every ``interval`` steps after warm-up (plain steps in between).
+        on_nonfinite: ``"raise"`` a ``RuntimeError`` naming the layers (nothing modified)
+            or ``"skip"`` them (left to the plain optimizer step).
+        skip_unsupported: train unsupported LoRA layers (DoRA, Embedding, Conv) as plain
+            LoRA instead of raising.
+        compute_dtype: dtype of the r x r math (float64 default, float32 allowed).
+
+    A layer whose factor is rank deficient (smallest Gram eigenvalue below
+    ``rank_tol`` times the largest) or zero is skipped for that step: its gradient is
+    left as is (``stats()["last_skipped_layers"]`` names it).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        scalar: bool = False,
+        warmup_steps: int = 100,
+        interval: int = 1,
+        rank_tol: float | None = None,
+        **kwargs,
+    ):
+        self.scalar = bool(scalar)
+        self.transfers_moments = self.scalar
+        self.name = "reflora_s" if self.scalar else "reflora"
+        super().__init__(model, warmup_steps=warmup_steps, interval=interval, **kwargs)
+        self.rank_tol = rank_tol if rank_tol is not None else (RANK_TOL if self.compute_dtype == torch.float64 else 1e-5)
+
+    def config(self) -> dict:
+        return {**super().config(), "scalar": self.scalar}
+
+    def _plan(self, group: LayerGroup) -> dict[str, torch.Tensor]:
+        dt = self.compute_dtype
+        A, B = group.stack("A", dt), group.stack("B", dt)  # (L, r, in), (L, out, r)
+        gA, gB = group.stack("gA", dt), group.stack("gB", dt)
+        finite = self._finite(A, B, gA, gB)
+        if self.scalar:
+            s, ok = reflora_s_scale(A.square().sum((1, 2)), B.square().sum((1, 2)))
+            return {"finite": finite, "ok": ok & finite, "P": s.sqrt()}
+        ref = reflora_preconditioner(A @ A.mT, B.mT @ B, rank_tol=self.rank_tol)
+        ok = ref.ok & finite
+        eye = torch.eye(A.shape[1], dtype=dt, device=A.device)
+        keep = ok[:, None, None]
+        # PEFT layout: lora_A.grad = (dA S^{-1})^T = S^{-1} lora_A.grad ; lora_B.grad = dB S
+        return {
+            "finite": finite,
+            "ok": ok,
+            "gA": torch.where(keep, ref.S_inv, eye) @ gA,
+            "gB": gB @ torch.where(keep, ref.S, eye),
+        }
+
+    def _apply(self, group: LayerGroup, plan: dict[str, torch.Tensor]) -> None:
+        if self.scalar:
+            P = torch.where(plan["ok"], plan["P"], torch.ones_like(plan["P"]))
+            ones = torch.ones(group.factors[0].rank, dtype=P.dtype, device=P.device)
+            for i, f in enumerate(group.factors):
+                self._rescale_(f, ones * P[i], ones / P[i])
+            return
+        for i, f in enumerate(group.factors):
+            f.lora_A.grad.copy_(plan["gA"][i])
+            f.lora_B.grad.copy_(plan["gB"][i])

@@ -1,0 +1,164 @@
+"""ScaLoRA and ScaLoRA-I (Zhang, Yang, Cai, Giannakis, arXiv:2510.23818).
+
+At every scaling step, rewrite the current weight without changing it::
+
+    W = (W_pt + A B^T - A~ B~^T) + A~ B~^T,     A~ = A diag(alpha),  B~ = B diag(beta)
+
+merge the first part into the frozen base weight and continue training from the
+optimally scaled factors. The scalings minimise the first-order part of the
+Lipschitz bound on the loss after one step (ScaLoRA Sec. 3):
+
+* **column scaling** (Theorem 5): ``[alpha; beta] = sqrt(kappa v)`` with ``K v = lambda``,
+  used when ``v > 0``;
+* **scalar scaling** (Theorem 3): otherwise (the paper's hybrid rule, per layer).
+
+``kappa = 1/(L eta)``. The optimizer's moments follow the chain rule
+(``lora_A``'s by ``beta``, ``lora_B``'s by ``alpha``; Lemmas 3.3/3.6), so AdamW is never
+reset. Because the increments are merged, the accumulated update is no longer confined
+to rank r. **ScaLoRA-I** does the same every ``interval`` steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import merge
+from .functional import scalora_scalings
+from .method import LayerGroup, LoRAMethod
+
+
+class ScaLoRA(LoRAMethod):
+    """ScaLoRA (``interval=1``) or ScaLoRA-I (``interval=I``) for a PEFT LoRA model.
+
+    Example::
+
+        optimizer = torch.optim.AdamW((p for p in model.parameters() if p.requires_grad), lr=2e-4)
+        method = optlora.ScaLoRA(model, warmup_steps=100)        # interval=10 for ScaLoRA-I
+        method.attach(optimizer)
+
+    Args:
+        model: a PEFT model with LoRA ``Linear`` adapters on plain floating-point layers.
+        warmup_steps: plain LoRA steps first (PEFT's ``lora_B = 0`` init makes the column
+            system singular; the scalar rule handles it, but a short warm-up is gentler).
+        interval: scale-and-merge every ``interval`` steps (ScaLoRA-I); plain steps between.
+        kappa: ``1/(L eta)`` in effective coordinates (PEFT scale absorbed in the factors).
+            It sets the size of the rescaled factors (``A~^T A~ ~ kappa``). Under Adam the
+            literal ``1/(L lr)`` is far too large; 0.01-1 works, see the README.
+        mode: ``"hybrid"`` (paper), ``"column"`` or ``"scalar"``.
+        merge_precision: how increments enter bfloat16/float16 base weights:
+            ``"auto"`` (= ``"stochastic"`` for half precision), ``"nearest"``, ``"kahan"``
+            (extra buffer per weight) or ``"fp32"`` (float32 master copy). See
+            :mod:`optlora.merge`. Float32/64 weights always merge exactly.
+        seed: seed of the stochastic-rounding generator (identical on every DDP rank).
+        on_nonfinite, skip_unsupported, compute_dtype: as in :class:`optlora.RefLoRA`.
+    """
+
+    name = "scalora"
+    transfers_moments = True
+    merges = True
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        warmup_steps: int = 100,
+        interval: int = 1,
+        kappa: float = 0.1,
+        mode: str = "hybrid",
+        merge_precision: str = "auto",
+        seed: int = 0,
+        **kwargs,
+    ):
+        if not (isinstance(kappa, (int, float)) and kappa > 0 and kappa == kappa and kappa != float("inf")):
+            raise ValueError(f"kappa must be a positive finite number, got {kappa!r}")
+        if mode not in ("hybrid", "column", "scalar"):
+            raise ValueError(f"mode must be 'hybrid', 'column' or 'scalar', got {mode!r}")
+        merge.resolve_mode(merge_precision, torch.float32)  # validates the name
+        super().__init__(model, warmup_steps=warmup_steps, interval=interval, **kwargs)
+        self.name = "scalora" if interval == 1 else "scalora_i"
+        self.kappa = float(kappa)
+        self.mode = mode
+        self.merge_precision = merge_precision
+        self.seed = int(seed)
+        self.buffers: dict[str, torch.Tensor] = {}
+        for f in self.factors:
+            buf = merge.new_buffer(f.base_weight, merge_precision)
+            if buf is not None:
+                self.buffers[f.name] = buf
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def config(self) -> dict:
+        return {**super().config(), "kappa": self.kappa, "mode": self.mode, "merge_precision": self.merge_precision}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
+
+    def _plan(self, group: LayerGroup) -> dict[str, torch.Tensor]:
+        dt = self.compute_dtype
+        A, B = group.stack("A", dt), group.stack("B", dt)  # (L, r, in), (L, out, r)
+        gA, gB = group.stack("gA", dt), group.stack("gB", dt)
+        finite = self._finite(A, B, gA, gB)
+        root_s = group.scalings(dt).sqrt()
+        # effective factors: A_eff = sqrt(s) lora_A^T, B_eff = sqrt(s) lora_B; S^A = [A_eff, dA], S^B = [dB, B_eff]
+        XA = torch.cat([A * root_s[:, None, None], gA], 1)  # (L, 2r, in)  = S^A^T
+        XB = torch.cat([gB, B * root_s[:, None, None]], 2)  # (L, out, 2r) = S^B
+        sc = scalora_scalings(XA @ XA.mT, XB.mT @ XB, self.kappa, self.mode)
+        ok = sc.ok & finite
+        one = torch.ones_like(sc.alpha)
+        alpha = torch.where(ok[:, None], sc.alpha, one)
+        beta = torch.where(ok[:, None], sc.beta, one)
+        return {"finite": finite, "ok": ok, "column": sc.column & ok, "alpha": alpha, "beta": beta}
+
+    def _apply(self, group: LayerGroup, plan: dict[str, torch.Tensor]) -> None:
+        alpha, beta = plan["alpha"], plan["beta"]
+        coeff = 1.0 - alpha * beta
+        for i, f in enumerate(group.factors):
+            w = f.base_weight
+            merge.merge_low_rank_(
+                w.data,
+                f.lora_B.detach(),
+                f.lora_A.detach(),
+                coeff[i],
+                f.scaling,
+                fan_in_fan_out=f.fan_in_fan_out,
+                mode=self.merge_precision,
+                buffer=self.buffers.get(f.name),
+                generator=self._generator(w.device),
+            )
+            self._rescale_(f, alpha[i], beta[i])
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Counters, the merged base weights, merge buffers and the rounding RNG state.
+
+        The base weights are not part of a PEFT adapter checkpoint, so they are saved here.
+        """
+        return {
+            **super().state_dict(),
+            "base_weights": {f.name: f.base_weight.detach() for f in self.factors},
+            "buffers": dict(self.buffers),
+            "rng": {str(d): g.get_state() for d, g in self._generators.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        names = {f.name for f in self.factors}
+        if set(state["base_weights"]) != names:
+            raise ValueError("state_dict's merged base weights do not match this model's LoRA layers")
+        super().load_state_dict(state)
+        with torch.no_grad():
+            for f in self.factors:
+                f.base_weight.copy_(state["base_weights"][f.name])
+                if f.name in self.buffers:
+                    self.buffers[f.name].copy_(state["buffers"][f.name])
+        for dev, st in state.get("rng", {}).items():
+            self._generator(torch.device(dev)).set_state(st.cpu() if isinstance(st, torch.Tensor) else st)
+
+    def stats(self) -> dict:
+        out = super().stats()
+        out.update(kappa=self.kappa, mode=self.mode)
+        if self._last:
+            col = self._last["column"]
+            out["column_fraction"] = float(col.sum()) / max(1, col.numel())
+        return out
