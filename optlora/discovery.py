@@ -140,12 +140,15 @@ def find_lora_factors(model: nn.Module, *, mergeable: bool = False, skip_unsuppo
 
 
 def unwrap_optimizer(optimizer):
-    """The ``torch.optim.Optimizer`` inside wrappers such as accelerate's ``AcceleratedOptimizer``."""
+    """The innermost ``torch.optim.Optimizer`` inside wrappers such as accelerate's ``AcceleratedOptimizer``.
+
+    Such wrappers may themselves subclass ``torch.optim.Optimizer`` (accelerate's does) while the
+    hooks, state and parameter groups that matter live on the wrapped ``.optimizer``.
+    """
     seen = set()
-    while not isinstance(optimizer, torch.optim.Optimizer):
-        inner = getattr(optimizer, "optimizer", None)
-        if inner is None or id(inner) in seen:
-            raise TypeError(f"expected a torch.optim.Optimizer (or a wrapper of one), got {type(optimizer).__name__}")
+    while getattr(optimizer, "optimizer", None) is not None and id(optimizer) not in seen:
         seen.add(id(optimizer))
-        optimizer = inner
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"expected a torch.optim.Optimizer (or a wrapper of one), got {type(optimizer).__name__}")
     return optimizer

@@ -23,9 +23,16 @@ from collections import defaultdict
 import torch
 
 from .discovery import LoRAFactors, find_lora_factors, unwrap_optimizer
+from .distributed import check_not_sharded
 from .optimizer_state import require_moment_rule, scale_param_state_
 
 _ATTACHED = "_optlora_method"
+_GET = {
+    "A": lambda f: f.lora_A,
+    "B": lambda f: f.lora_B,
+    "gA": lambda f: f.lora_A.grad,
+    "gB": lambda f: f.lora_B.grad,
+}
 
 
 class LayerGroup:
@@ -36,16 +43,31 @@ class LayerGroup:
 
     def stack(self, what: str, dtype: torch.dtype) -> torch.Tensor:
         """``what`` in {"A", "B", "gA", "gB"}: stacked (L, ...) copy in ``dtype``."""
-        get = {
-            "A": lambda f: f.lora_A,
-            "B": lambda f: f.lora_B,
-            "gA": lambda f: f.lora_A.grad,
-            "gB": lambda f: f.lora_B.grad,
-        }[what]
-        return torch.stack([get(f).detach() for f in self.factors]).to(dtype)
+        return torch.stack([_GET[what](f).detach() for f in self.factors]).to(dtype)
+
+    def pair(self, first: str, second: str, dtype: torch.dtype, dim: int) -> torch.Tensor:
+        """``[first_l, second_l]`` concatenated along ``dim`` (1: rows, 2: columns) for every layer ``l``.
+
+        (L, 2a, b) or (L, a, 2b) in ``dtype``, built with one stack and one converting copy
+        (instead of two stacks, two conversions and a ``cat``).
+        """
+        L = len(self.factors)
+        X = torch.stack(
+            [_GET[first](f).detach() for f in self.factors] + [_GET[second](f).detach() for f in self.factors]
+        )
+        X = X.view(2, L, *X.shape[1:])
+        a, b = X.shape[2:]
+        if dim == 1:
+            return torch.empty(L, 2, a, b, dtype=dtype, device=X.device).copy_(X.transpose(0, 1)).view(L, 2 * a, b)
+        return torch.empty(L, a, 2, b, dtype=dtype, device=X.device).copy_(X.permute(1, 2, 0, 3)).view(L, a, 2 * b)
 
     def scalings(self, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor([f.scaling for f in self.factors], dtype=dtype, device=self.factors[0].lora_A.device)
+        """PEFT scales as an (L,) tensor; cached (no host-to-device copy per step) until a scale changes."""
+        key = (dtype, tuple(f.scaling for f in self.factors))
+        if getattr(self, "_scalings_key", None) != key:
+            self._scalings = torch.tensor(key[1], dtype=dtype, device=self.factors[0].lora_A.device)
+            self._scalings_key = key
+        return self._scalings
 
 
 def group_factors(factors: list[LoRAFactors]) -> list[LayerGroup]:
@@ -64,6 +86,8 @@ class LoRAMethod:
     transfers_moments = False
     #: the method merges into base weights (needs mergeable layers)
     merges = False
+    #: materialise per-layer scales to full shape in ``_rescale_group_`` (None: on CUDA only)
+    _full_scales: bool | None = None
 
     def __init__(
         self,
@@ -88,6 +112,7 @@ class LoRAMethod:
         self.interval = interval
         self.on_nonfinite = on_nonfinite
         self.compute_dtype = compute_dtype
+        check_not_sharded(model)  # FSDP / ZeRO-3: refuse with advice (optlora.distributed)
         self.factors = find_lora_factors(model, mergeable=self.merges, skip_unsupported=skip_unsupported)
         self._groups = group_factors(self.factors)
         self.optimizer: torch.optim.Optimizer | None = None
@@ -103,6 +128,7 @@ class LoRAMethod:
         if self._handle is not None:
             raise RuntimeError(f"{type(self).__name__} is already attached to an optimizer; call detach() first")
         opt = unwrap_optimizer(optimizer)
+        check_not_sharded(self.model, opt)  # the model may have been wrapped (FSDP) after construction
         other = getattr(opt, _ATTACHED, None)
         if other is not None and other is not self:
             raise RuntimeError(f"this optimizer already has {type(other).__name__} attached; detach it first")
@@ -110,7 +136,9 @@ class LoRAMethod:
         missing = [f.name for f in self.factors if id(f.lora_A) not in held or id(f.lora_B) not in held]
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise ValueError(f"the optimizer does not hold the LoRA parameters of {shown}; build it from model.parameters()")
+            raise ValueError(
+                f"the optimizer does not hold the LoRA parameters of {shown}; build it from model.parameters()"
+            )
         if self.transfers_moments:
             self._rule = require_moment_rule(opt, type(self).__name__)
         self._check_optimizer(opt)
@@ -128,7 +156,13 @@ class LoRAMethod:
             self.optimizer = None
 
     def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Hook for subclasses (e.g. refuse sharded parameters)."""
+        """Refuse optimizers whose step re-evaluates the gradient through a closure (LBFGS):
+        the pre-hook would transform gradients that the closure then recomputes."""
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise TypeError(
+                f"{type(self).__name__} transforms the gradient before the step; LBFGS recomputes it inside "
+                "step(closure), so the method cannot apply. Use SGD, Adam or AdamW."
+            )
 
     def is_due(self, step: int) -> bool:
         """Whether optimizer step ``step`` (1-based) applies the method (RefLoRA code semantics)."""
@@ -144,9 +178,8 @@ class LoRAMethod:
             return
         with torch.no_grad():
             plans = [self._plan(g) for g in groups]
-            finite = [p["finite"] for p in plans]
-            if self.on_nonfinite == "raise":
-                bad = [f.name for g, ok in zip(groups, finite) for f, o in zip(g.factors, ok.tolist()) if not o]
+            if self.on_nonfinite == "raise" and not bool(torch.cat([p["finite"] for p in plans]).all()):  # one sync
+                bad = [f.name for g, p in zip(groups, plans) for f, o in zip(g.factors, p["finite"].tolist()) if not o]
                 if bad:
                     self.steps -= 1
                     raise RuntimeError(
@@ -181,12 +214,13 @@ class LoRAMethod:
 
     @staticmethod
     def _finite(*stacked: torch.Tensor) -> torch.Tensor:
-        """Per-layer finiteness of stacked (L, ...) tensors."""
-        ok = None
-        for t in stacked:
-            f = torch.isfinite(t).flatten(1).all(1)
-            ok = f if ok is None else ok & f
-        return ok
+        """Per-layer finiteness of stacked (L, ...) tensors.
+
+        One float64 sum per tensor instead of an elementwise ``isfinite`` (five kernels): a sum
+        is NaN/Inf iff an element is, as float64 sums of float32/bfloat16 values cannot overflow.
+        """
+        sums = torch.stack([t.flatten(1).sum(1, dtype=torch.float64) for t in stacked])
+        return torch.isfinite(sums).all(0)
 
     # ------------------------------------------------------------------ shared rescale
     def _rescale_(self, f: LoRAFactors, alpha: torch.Tensor, beta: torch.Tensor) -> None:
@@ -205,6 +239,54 @@ class LoRAMethod:
         if self._rule is not None and self.optimizer is not None:
             scale_param_state_(self.optimizer, self._rule, A, b_row)
             scale_param_state_(self.optimizer, self._rule, B, a_col)
+
+    def _rescale_group_(self, group: LayerGroup, alpha: torch.Tensor, beta: torch.Tensor) -> None:
+        """:meth:`_rescale_` for a whole group at once: ``alpha``, ``beta`` are (L, r).
+
+        Same arithmetic as ``_rescale_`` (scales cast to each tensor's dtype, squared there for
+        second moments), but as one ``torch._foreach_mul_`` over every factor, gradient and
+        moment of the group instead of about ten small kernels per layer. On CUDA the scales
+        are materialised to full shape so that the multi-tensor fast path applies.
+        """
+        cast: dict[tuple, torch.Tensor] = {}
+        first = group.factors[0]
+        full = self._full_scales if self._full_scales is not None else first.lora_A.device.type == "cuda"
+        shape_A, shape_B = (len(group.factors), *first.lora_A.shape), (len(group.factors), *first.lora_B.shape)
+
+        def scale(which: str, dtype: torch.dtype, row: bool, power: int = 1) -> torch.Tensor:
+            key = (which, dtype, row, power)
+            if key not in cast:
+                t = (alpha if which == "alpha" else beta).to(dtype)
+                t = t if power == 1 else t**power
+                t = t[:, :, None] if row else t[:, None, :]
+                cast[key] = t.expand(shape_A if row else shape_B).contiguous() if full else t
+            return cast[key]
+
+        rule = self._rule if self.optimizer is not None else None
+        tensors, scales = [], []
+        for i, f in enumerate(group.factors):
+            A, B = f.lora_A, f.lora_B
+            # lora_A rows by alpha (grad/moments by beta); lora_B columns by beta (grad/moments by alpha)
+            for t, which, row in (
+                (A, "alpha", True),
+                (B, "beta", False),
+                (A.grad, "beta", True),
+                (B.grad, "alpha", False),
+            ):
+                tensors.append(t)
+                scales.append(scale(which, t.dtype, row)[i])
+            if rule is None:
+                continue
+            for p, which, row in ((A, "beta", True), (B, "alpha", False)):
+                state = self.optimizer.state.get(p)
+                if not state:
+                    continue  # no step taken yet: nothing to transfer
+                for key, power in rule.items():
+                    t = state.get(key)
+                    if isinstance(t, torch.Tensor) and t.shape == p.shape and power != 0:
+                        tensors.append(t)
+                        scales.append(scale(which, t.dtype, row, power)[i])
+        torch._foreach_mul_(tensors, scales)
 
     # ------------------------------------------------------------------ state
     def config(self) -> dict:

@@ -23,7 +23,8 @@ MOMENT_RULES: dict[type, dict[str, int]] = {
     torch.optim.RAdam: {"exp_avg": 1, "exp_avg_sq": 2},
     torch.optim.Adamax: {"exp_avg": 1, "exp_inf": 1},
     torch.optim.SGD: {"momentum_buffer": 1},
-    torch.optim.RMSprop: {"square_avg": 2, "grad_avg": 1, "momentum_buffer": 1},
+    # RMSprop's momentum_buffer accumulates g / sqrt(square_avg): scale-free (power 0), so it is left as is
+    torch.optim.RMSprop: {"square_avg": 2, "grad_avg": 1},
     torch.optim.Adagrad: {"sum": 2},
 }
 

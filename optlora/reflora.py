@@ -62,7 +62,9 @@ class RefLoRA(LoRAMethod):
         self.transfers_moments = self.scalar
         self.name = "reflora_s" if self.scalar else "reflora"
         super().__init__(model, warmup_steps=warmup_steps, interval=interval, **kwargs)
-        self.rank_tol = rank_tol if rank_tol is not None else (RANK_TOL if self.compute_dtype == torch.float64 else 1e-5)
+        self.rank_tol = (
+            rank_tol if rank_tol is not None else (RANK_TOL if self.compute_dtype == torch.float64 else 1e-5)
+        )
 
     def config(self) -> dict:
         return {**super().config(), "scalar": self.scalar}
@@ -89,11 +91,9 @@ class RefLoRA(LoRAMethod):
 
     def _apply(self, group: LayerGroup, plan: dict[str, torch.Tensor]) -> None:
         if self.scalar:
-            P = torch.where(plan["ok"], plan["P"], torch.ones_like(plan["P"]))
-            ones = torch.ones(group.factors[0].rank, dtype=P.dtype, device=P.device)
-            for i, f in enumerate(group.factors):
-                self._rescale_(f, ones * P[i], ones / P[i])
+            P = torch.where(plan["ok"], plan["P"], torch.ones_like(plan["P"]))[:, None]
+            r = group.factors[0].rank
+            self._rescale_group_(group, P.expand(-1, r), (1 / P).expand(-1, r))  # A *= P, B /= P
             return
-        for i, f in enumerate(group.factors):
-            f.lora_A.grad.copy_(plan["gA"][i])
-            f.lora_B.grad.copy_(plan["gB"][i])
+        grads = [f.lora_A.grad for f in group.factors] + [f.lora_B.grad for f in group.factors]
+        torch._foreach_copy_(grads, [*plan["gA"].unbind(0), *plan["gB"].unbind(0)])

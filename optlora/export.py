@@ -1,0 +1,370 @@
+"""Ship a trained model: the full merged model, or its update as a small standard PEFT LoRA adapter.
+
+RefLoRA/RefLoRA-S leave a standard PEFT adapter (``model.save_pretrained`` as usual).
+ScaLoRA/ScaLoRA-I merge ``B diag(1 - alpha beta) A`` into the base weights at every
+scaling step (ScaLoRA Sec. 3.1), so the accumulated update ``W_now - W_pretrained`` is
+no longer of rank ``r`` and the saved adapter alone does not reproduce the model. Two exports:
+
+* :func:`export_merged` -- the full model, ``merge_and_unload()`` + ``save_pretrained``
+  (safetensors);
+* :func:`export_adapter` -- per LoRA layer, ``Delta = W_now - W_pretrained`` compressed by
+  truncated SVD (Eckart-Young: the best rank-k approximation in Frobenius norm) into a
+  standard PEFT LoRA adapter for the *original* base model, with the relative error
+  ``||Delta - Delta_k||_F / ||Delta||_F`` reported per layer and overall, either at a
+  chosen rank or at the smallest rank per layer that meets an error tolerance.
+
+Command line: ``optlora export --checkpoint CKPT --base MODEL --out DIR [--format adapter --rank 16 | --tol 0.01]``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .discovery import LoRAFactors
+
+STATE_FILE = "optlora_state.pt"  # same name as optlora.hf.STATE_FILE (hf is not imported here)
+_TASK_TO_AUTO = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+
+
+# ---------------------------------------------------------------------------------------------- SVD
+def rank_for_error(singular_values: torch.Tensor, tol: float) -> int:
+    """Smallest ``k`` with ``sqrt(sum_{i>k} s_i^2) / sqrt(sum_i s_i^2) <= tol`` (0 for a zero matrix)."""
+    if not 0 <= tol < 1:
+        raise ValueError(f"tol must be in [0, 1), got {tol!r}")
+    s2 = singular_values.double().square()
+    total = float(s2.sum())
+    if total == 0.0:
+        return 0
+    tail = s2.flip(0).cumsum(0).flip(0)  # tail[k] = sum_{i>=k} s_i^2
+    tail = torch.cat([tail, tail.new_zeros(1)])
+    ok = (tail.sqrt() / total**0.5 <= tol).nonzero()
+    return int(ok[0])
+
+
+@dataclass
+class Compressed:
+    """``Delta ~ lora_B @ lora_A`` (PEFT layout, scaling 1) with its relative Frobenius error."""
+
+    lora_A: torch.Tensor  # k x in
+    lora_B: torch.Tensor  # out x k
+    rank: int
+    rel_error: float
+    norm: float  # ||Delta||_F
+    singular_values: torch.Tensor
+
+
+def svd_compress(delta: torch.Tensor, *, rank: int | None = None, tol: float | None = None) -> Compressed:
+    """Truncated SVD of ``delta`` (out x in) at ``rank``, or the smallest rank meeting ``tol`` (capped by ``rank``).
+
+    The factors split the singular values evenly: ``lora_B = U_k sqrt(S_k)``, ``lora_A = sqrt(S_k) V_k^T``.
+    A zero ``delta`` gives rank 1 zero factors (PEFT needs ``r >= 1``) and error 0.
+    """
+    if delta.ndim != 2:
+        raise ValueError(f"delta must be a matrix, got shape {tuple(delta.shape)}")
+    if rank is None and tol is None:
+        raise ValueError("give rank=, tol= or both")
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+    d = delta.float() if delta.dtype not in (torch.float32, torch.float64) else delta
+    U, S, Vh = torch.linalg.svd(d, full_matrices=False)
+    full = S.numel()
+    k = rank_for_error(S, tol) if tol is not None else full
+    if rank is not None:
+        k = min(k, rank) if tol is not None else min(rank, full)
+    k = max(k, 1)
+    norm = float(S.double().square().sum().sqrt())
+    resid = float(S[k:].double().square().sum().sqrt())
+    root = S[:k].sqrt()
+    return Compressed(
+        lora_A=root[:, None] * Vh[:k],
+        lora_B=U[:, :k] * root[None, :],
+        rank=k,
+        rel_error=resid / norm if norm > 0 else 0.0,
+        norm=norm,
+        singular_values=S,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- model access
+def _inner(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def lora_layers(model: nn.Module, adapter: str | None = None) -> list[LoRAFactors]:
+    """Every PEFT LoRA ``Linear`` adapter of ``model`` (trainable or not); names are paths in the base model."""
+    from peft.tuners.lora import Linear
+
+    if adapter is None:
+        adapter = getattr(model, "active_adapter", None) or "default"
+    if isinstance(adapter, (list, tuple)):
+        adapter = adapter[0]
+    out = []
+    for path, module in _inner(model).named_modules():
+        if isinstance(module, Linear) and adapter in module.lora_A:
+            out.append(LoRAFactors(path, module, adapter))
+    if not out:
+        raise ValueError(f"{type(model).__name__} has no PEFT LoRA Linear layer with adapter {adapter!r}")
+    return out
+
+
+def _dense(f: LoRAFactors, base_weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``W_now - W_pretrained`` (out x in) of one layer: merged base drift plus the live adapter."""
+    w_now = f.base_weight.detach().to(dtype)
+    w_pt = base_weight.detach().to(device=w_now.device, dtype=dtype)
+    drift = w_now - w_pt
+    if f.fan_in_fan_out:
+        drift = drift.T
+    return drift + f.scaling * (f.lora_B.detach().to(dtype) @ f.lora_A.detach().to(dtype))
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_adapter` wrote: per-layer rank and relative error, overall error."""
+
+    path: str
+    layers: dict[str, dict] = field(default_factory=dict)  # name -> {rank, rel_error, norm, ranks_for}
+    rel_error: float = 0.0  # ||Delta - Delta_k||_F / ||Delta||_F over all layers together
+    total_rank: int = 0
+    parameters: int = 0
+
+    def rank_needed(self, tol: float) -> dict[str, int]:
+        """Per layer, the smallest rank whose relative error is ``<= tol`` (from the stored spectra)."""
+        return {n: max(1, rank_for_error(v["singular_values"], tol)) for n, v in self.layers.items()}
+
+    def summary(self) -> str:
+        ranks = [v["rank"] for v in self.layers.values()]
+        lines = [
+            f"wrote {self.path}: {len(ranks)} layers, rank {min(ranks)}..{max(ranks)}, "
+            f"{self.parameters:,} parameters, relative error {self.rel_error:.3e}",
+            "ranks needed per layer (max / sum) for a relative error of:",
+        ]
+        for tol in (0.5, 0.2, 0.1, 0.05, 0.01, 0.001):
+            need = self.rank_needed(tol).values()
+            lines.append(f"  {tol:>6g}: max {max(need)}, sum {sum(need)}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        layers = {n: {k: v for k, v in d.items() if k != "singular_values"} for n, d in self.layers.items()}
+        return {"path": self.path, "rel_error": self.rel_error, "total_rank": self.total_rank, "layers": layers}
+
+
+# ---------------------------------------------------------------------------------------------- exports
+def export_adapter(
+    model: nn.Module,
+    base: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    rank: int | None = None,
+    tol: float | None = None,
+    adapter: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype = torch.float32,
+) -> ExportReport:
+    """Save ``W_now - W_pretrained`` of every LoRA layer as a standard PEFT LoRA adapter for ``base``.
+
+    Args:
+        model: the trained PEFT model (e.g. after ScaLoRA; RefLoRA works too: its update has rank ``r``).
+        base: the *original* pretrained model (same architecture, unmodified weights), plain ``transformers``.
+        out_dir: folder for ``adapter_config.json`` + ``adapter_model.safetensors``.
+        rank: rank of every layer; with ``tol``, the cap of the per-layer rank.
+        tol: per layer, the smallest rank with relative Frobenius error ``<= tol`` (``rank_pattern``).
+        dtype: dtype of the saved factors. compute_dtype: of the difference and the SVD.
+
+    Load it with plain PEFT: ``PeftModel.from_pretrained(original_base, out_dir)``.
+    """
+    import peft
+    from safetensors.torch import save_file
+
+    if rank is None and tol is None:
+        raise ValueError("export_adapter needs rank= (same rank everywhere) and/or tol= (rank per layer)")
+    if hasattr(base, "get_base_model") or any(isinstance(m, peft.tuners.lora.LoraLayer) for m in base.modules()):
+        raise TypeError("base must be the original model without LoRA layers (not a PeftModel)")
+    layers = lora_layers(model, adapter)
+    adapter = layers[0].adapter
+    report = ExportReport(path=os.fspath(out_dir))
+    tensors: dict[str, torch.Tensor] = {}
+    resid2 = total2 = 0.0
+    for f in layers:
+        try:
+            w_pt = base.get_submodule(f.name).weight
+        except AttributeError as exc:
+            raise ValueError(
+                f"base has no module {f.name!r}: is it the same architecture as the trained model?"
+            ) from exc
+        with torch.no_grad():
+            c = svd_compress(_dense(f, w_pt, compute_dtype), rank=rank, tol=tol)
+        tensors[f"base_model.model.{f.name}.lora_A.weight"] = c.lora_A.to(dtype).contiguous().cpu()
+        tensors[f"base_model.model.{f.name}.lora_B.weight"] = c.lora_B.to(dtype).contiguous().cpu()
+        report.layers[f.name] = {
+            "rank": c.rank,
+            "rel_error": c.rel_error,
+            "norm": c.norm,
+            "singular_values": c.singular_values.cpu(),
+        }
+        resid2 += (c.rel_error * c.norm) ** 2
+        total2 += c.norm**2
+        report.total_rank += c.rank
+        report.parameters += c.lora_A.numel() + c.lora_B.numel()
+    report.rel_error = (resid2 / total2) ** 0.5 if total2 > 0 else 0.0
+
+    src = model.peft_config[adapter] if hasattr(model, "peft_config") else None
+    ranks = {n: v["rank"] for n, v in report.layers.items()}
+    r0 = max(ranks.values())
+    config = peft.LoraConfig(
+        r=r0,
+        lora_alpha=r0,  # scaling 1: the factors carry the update
+        target_modules=sorted(ranks),
+        rank_pattern={n: k for n, k in ranks.items() if k != r0},
+        alpha_pattern={n: k for n, k in ranks.items() if k != r0},
+        lora_dropout=0.0,
+        bias="none",
+        fan_in_fan_out=bool(getattr(src, "fan_in_fan_out", False)),
+        task_type=getattr(src, "task_type", None),
+        modules_to_save=getattr(src, "modules_to_save", None),
+        base_model_name_or_path=getattr(src, "base_model_name_or_path", None),
+    )
+    if getattr(src, "modules_to_save", None):
+        from peft.utils import get_peft_model_state_dict
+
+        extra = get_peft_model_state_dict(model, adapter_name=adapter)
+        tensors.update({k: v.to(dtype).contiguous().cpu() for k, v in extra.items() if ".lora_" not in k})
+    os.makedirs(out_dir, exist_ok=True)
+    config.save_pretrained(out_dir)
+    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "optlora_export.json"), "w") as fh:
+        json.dump(report.to_json(), fh, indent=1)
+    return report
+
+
+def export_merged(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, inplace: bool = False) -> str:
+    """``merge_and_unload()`` + ``save_pretrained(safe_serialization=True)``: the full fine-tuned model.
+
+    ``inplace=False`` (default) merges a deep copy and leaves ``model`` as it is; ``inplace=True``
+    saves memory but unloads the adapters from ``model``.
+    """
+    if not hasattr(model, "merge_and_unload"):
+        raise TypeError(f"expected a PEFT model with merge_and_unload(), got {type(model).__name__}")
+    merged = (model if inplace else copy.deepcopy(model)).merge_and_unload()
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return os.fspath(out_dir)
+
+
+def apply_method_state(model: nn.Module, state: dict) -> int:
+    """Copy ScaLoRA's merged base weights from ``method.state_dict()`` (or a saved file) into ``model``.
+
+    Matches layer names by path suffix, so the state may come from a method built on the
+    ``PeftModel`` or on its base model. Returns the number of weights copied (0 for RefLoRA).
+    """
+    weights = state.get("base_weights", {})
+    paths = {f.name: f for f in lora_layers(model)}
+    done = 0
+    with torch.no_grad():
+        for name, w in weights.items():
+            path = name.rsplit("[", 1)[0]
+            hits = [p for p in paths if p == path or path.endswith("." + p) or p.endswith("." + path)]
+            if len(hits) != 1:
+                raise ValueError(f"cannot match the saved base weight {name!r} to one LoRA layer (matches: {hits})")
+            paths[hits[0]].base_weight.copy_(w)
+            done += 1
+    return done
+
+
+def _dtype_kw(dtype: torch.dtype | None) -> dict:
+    """``from_pretrained``'s dtype keyword (``dtype`` since transformers 4.56, ``torch_dtype`` before)."""
+    if dtype is None:
+        return {}
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
+
+
+def load_trained(checkpoint: str, base: str, *, task: str | None = None, dtype: torch.dtype | None = None):
+    """Rebuild a trained model: ``base`` (hub id or path) + the PEFT adapter and optlora state in ``checkpoint``.
+
+    Returns ``(peft_model, auto_class)``.
+    """
+    import peft
+    import transformers
+
+    cfg = peft.PeftConfig.from_pretrained(checkpoint)
+    task = task or (cfg.task_type.value if hasattr(cfg.task_type, "value") else cfg.task_type) or "FEATURE_EXTRACTION"
+    auto = getattr(transformers, _TASK_TO_AUTO.get(str(task).upper(), "AutoModel"))
+    model = peft.PeftModel.from_pretrained(auto.from_pretrained(base, **_dtype_kw(dtype)), checkpoint)
+    state_file = os.path.join(checkpoint, STATE_FILE)
+    if os.path.isfile(state_file):
+        apply_method_state(model, torch.load(state_file, map_location="cpu", weights_only=True))
+    return model, auto
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="export a trained checkpoint: full merged model or a compressed PEFT LoRA adapter",
+        description=__doc__.split("\n\n")[0] + " Uses the PEFT adapter and optlora_state.pt of a Trainer checkpoint.",
+    )
+    p.add_argument("--checkpoint", default=None, help="checkpoint folder (PEFT adapter [+ optlora_state.pt])")
+    p.add_argument("--base", default=None, help="original pretrained model: hub id or local path")
+    p.add_argument("--out", default=None, help="output folder")
+    p.add_argument(
+        "--format",
+        choices=("merged", "adapter"),
+        default="merged",
+        help="merged: full model (safetensors); adapter: W_now - W_pretrained as a LoRA adapter by truncated SVD",
+    )
+    p.add_argument("--rank", type=int, default=None, help="adapter rank (with --tol: the per-layer cap)")
+    p.add_argument("--tol", type=float, default=None, help="per-layer relative Frobenius error target (adapter)")
+    p.add_argument("--task", default=None, help="PEFT task type (CAUSAL_LM, SEQ_CLS, ...); default from the adapter")
+    p.add_argument("--dtype", choices=tuple(_DTYPES), default="auto", help="dtype to load the base model in")
+    p.add_argument("--report-json", default=None, help="also write the adapter export report to this JSON file")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    missing = [o for o in ("checkpoint", "base", "out") if getattr(args, o, None) is None]
+    if missing:
+        print("optlora export: missing " + ", ".join(f"--{m}" for m in missing), file=sys.stderr)
+        return 2
+    if args.format == "adapter" and args.rank is None and args.tol is None:
+        print("optlora export: --format adapter needs --rank and/or --tol", file=sys.stderr)
+        return 2
+    dtype = _DTYPES[args.dtype]
+    model, auto = load_trained(args.checkpoint, args.base, task=args.task, dtype=dtype)
+    tokenizer = None
+    if os.path.isfile(os.path.join(args.checkpoint, "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    if args.format == "merged":
+        path = export_merged(model, args.out, tokenizer=tokenizer, inplace=True)
+        print(f"wrote the merged model to {path}")
+        return 0
+    base = auto.from_pretrained(args.base, **_dtype_kw(dtype))
+    report = export_adapter(model, base, args.out, rank=args.rank, tol=args.tol)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.out)
+    print(report.summary())
+    if args.report_json:
+        with open(args.report_json, "w") as fh:
+            json.dump(report.to_json(), fh, indent=1)
+    return 0

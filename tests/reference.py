@@ -1,0 +1,238 @@
+"""Independent float64 numpy reference of the RefLoRA / ScaLoRA formulas.
+
+Written straight from ``/work/shared/spec/ALGORITHMS.md`` (section numbers below) without
+importing optlora, so that the tests compare two independent implementations.
+Paper layout (spec 1.1): ``A`` is m x r, ``B`` is n x r, ``W = W_pt + A B^T``,
+``dA = G B``, ``dB = G^T A``. PEFT layout (spec 1.2): ``Ap`` r x in, ``Bp`` out x r,
+``Wp`` out x in, ``W_eff = Wp + s Bp Ap``.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+# --------------------------------------------------------------------------- linear algebra
+
+
+def spd_power(M: np.ndarray, p: float) -> np.ndarray:
+    """``M^p`` for a symmetric positive (semi-)definite matrix, via ``eigh``."""
+    w, V = np.linalg.eigh(0.5 * (M + M.T))
+    w = np.clip(w, 0.0, None)
+    return (V * w**p) @ V.T
+
+
+def nuclear_norm(M: np.ndarray) -> float:
+    return float(np.linalg.svd(M, compute_uv=False).sum())
+
+
+def fro2(M: np.ndarray) -> float:
+    return float(np.sum(M * M))
+
+
+# --------------------------------------------------------------------------- RefLoRA (spec 2)
+
+
+def geometric_mean(AtA: np.ndarray, BtB: np.ndarray) -> np.ndarray:
+    """``S~ = X^{-1/2} (X^{1/2} Y X^{1/2})^{1/2} X^{-1/2}`` with ``X = A^T A``, ``Y = B^T B`` (spec 2.2)."""
+    Xh, Xmh = spd_power(AtA, 0.5), spd_power(AtA, -0.5)
+    return Xmh @ spd_power(Xh @ BtB @ Xh, 0.5) @ Xmh
+
+
+def reflora_g(S: np.ndarray, AtA: np.ndarray, BtB: np.ndarray) -> float:
+    """``g(S) = tr(S A^T A) + tr(S^{-1} B^T B)`` (spec 2.2)."""
+    return float(np.trace(S @ AtA) + np.trace(np.linalg.solve(S, BtB)))
+
+
+def reflora_f(S: np.ndarray, AtA: np.ndarray, BtB: np.ndarray, c: float) -> float:
+    """Theorem 3 objective ``f(S) = (g(S) - c)^2``."""
+    return (reflora_g(S, AtA, BtB) - c) ** 2
+
+
+def kappa_pm(N: float, c: float) -> tuple[float, float]:
+    """Theorem 3 case 2 roots of ``N k^2 - c k + N = 0`` (requires ``c > 2N``)."""
+    disc = np.sqrt(c * c - 4 * N * N)
+    return (c + disc) / (2 * N), (c - disc) / (2 * N)
+
+
+def reflora_s_scale(A: np.ndarray, B: np.ndarray) -> float:
+    """RefLoRA-S ``s* = ||B||_F / ||A||_F`` (spec 3.1, case 1)."""
+    return float(np.linalg.norm(B) / np.linalg.norm(A))
+
+
+def reflora_h(s: float, a: float, b: float, c: float) -> float:
+    """Theorem 5 objective ``h(s) = (s a + b / s - c)^2`` with ``a = ||A||^2``, ``b = ||B||^2``."""
+    return (s * a + b / s - c) ** 2
+
+
+def reflora_s_roots(a: float, b: float, c: float) -> tuple[float, float]:
+    """Theorem 5 case 2 minimisers ``s_+- = (c +- sqrt(c^2 - 4ab)) / (2a)``."""
+    disc = np.sqrt(c * c - 4 * a * b)
+    return (c + disc) / (2 * a), (c - disc) / (2 * a)
+
+
+# --------------------------------------------------------------------------- ScaLoRA (spec 4)
+
+
+def column_system(A, B, dA, dB):
+    """``K = (S^A^T S^A) o (S^B^T S^B)``, ``lambda = [colnorm2(dB); colnorm2(dA)]`` (spec 4.5)."""
+    SA = np.concatenate([A, dA], 1)
+    SB = np.concatenate([dB, B], 1)
+    K = (SA.T @ SA) * (SB.T @ SB)
+    lam = np.concatenate([(dB * dB).sum(0), (dA * dA).sum(0)])
+    return K, lam
+
+
+def phi(w: np.ndarray, G, A, B, c: float) -> float:
+    """ScaLoRA surrogate ``||c G - G B diag(w_B) B^T - A diag(w_A) A^T G||^2`` (spec 4.2), ``w = [a^2; b^2]``."""
+    r = A.shape[1]
+    return fro2(c * G - G @ (B * w[r:]) @ B.T - (A * w[:r]) @ A.T @ G)
+
+
+def column_scaling(K, lam, kappa):
+    """Column theorem: ``[alpha; beta] = sqrt(kappa v)``, ``K v = lambda``; ok iff all ``v > 0`` (spec 4.5/4.6)."""
+    v = np.linalg.solve(K, lam)
+    r = K.shape[0] // 2
+    ok = bool(np.all(v > 0))
+    w = np.sqrt(kappa * np.clip(v, 0, None))
+    return w[:r], w[r:], v, ok
+
+
+def nnls_enumerate(K, lam, kappa):
+    """Exact ``argmin_{w >= 0} w^T K w - 2 kappa lam^T w`` by trying every support (brute force)."""
+    n = len(lam)
+    best_w, best = np.zeros(n), 0.0
+    for size in range(1, n + 1):
+        for sup in itertools.combinations(range(n), size):
+            idx = list(sup)
+            try:
+                ws = np.linalg.solve(K[np.ix_(idx, idx)], kappa * lam[idx])
+            except np.linalg.LinAlgError:
+                continue
+            if np.any(ws < 0):
+                continue
+            w = np.zeros(n)
+            w[idx] = ws
+            val = w @ K @ w - 2 * kappa * lam @ w
+            if val < best - 1e-14 * max(1.0, abs(best)):
+                best_w, best = w, val
+    return best_w, best
+
+
+def scalar_quantities(A, B, dA, dB):
+    """``g_A, g_B, p_A, p_B, p_AB`` from LoRA quantities only (spec 4.4 table)."""
+    return {
+        "gA": fro2(dB),
+        "gB": fro2(dA),
+        "pA": float(np.sum((A.T @ A) * (dB.T @ dB))),
+        "pB": float(np.sum((dA.T @ dA) * (B.T @ B))),
+        "pAB": fro2(A.T @ dA),
+    }
+
+
+def scalar_quantities_from_G(A, B, G):
+    """The same five numbers from their definitions with the full gradient ``G``."""
+    return {
+        "gA": fro2(A.T @ G),
+        "gB": fro2(G @ B),
+        "pA": fro2(A @ A.T @ G),
+        "pB": fro2(G @ B @ B.T),
+        "pAB": fro2(A.T @ G @ B),
+    }
+
+
+def scalar_theorem(q, kappa):
+    """The literal three cases of the scalar theorem (spec 4.4, erratum applied). ``None`` if no case applies."""
+    CA = q["pB"] * q["gA"] - q["pAB"] * q["gB"]
+    CB = q["pA"] * q["gB"] - q["pAB"] * q["gA"]
+    C = q["pA"] * q["pB"] - q["pAB"] ** 2
+    if CA > 0 and CB <= 0:
+        return kappa * q["gA"] / q["pA"], 0.0
+    if CA <= 0 and CB > 0:
+        return 0.0, kappa * q["gB"] / q["pB"]
+    if CA >= 0 and CB >= 0 and C > 0:
+        return kappa * CA / C, kappa * CB / C
+    return None
+
+
+def scalar_kkt(q, kappa):
+    """Robust scalar rule: best KKT candidate of ``q(x, y)`` over ``x, y >= 0`` (spec 4.4). Returns (x, y, value)."""
+    pA, pB, pAB, gA, gB = q["pA"], q["pB"], q["pAB"], q["gA"], q["gB"]
+
+    def val(x, y):
+        return x * x * pA + y * y * pB + 2 * x * y * pAB - 2 * kappa * (x * gA + y * gB)
+
+    cands = [(0.0, 0.0)]
+    if pA > 0:
+        cands.append((kappa * gA / pA, 0.0))
+    if pB > 0:
+        cands.append((0.0, kappa * gB / pB))
+    C = pA * pB - pAB**2
+    if C > 1e-12 * pA * pB:
+        x, y = kappa * (pB * gA - pAB * gB) / C, kappa * (pA * gB - pAB * gA) / C
+        if x >= 0 and y >= 0:
+            cands.append((x, y))
+    x, y = min(cands, key=lambda xy: val(*xy))
+    return x, y, val(x, y)
+
+
+def hybrid(A, B, dA, dB, kappa):
+    """ScaLoRA hybrid rule (spec 4.6): column scaling iff ``v > 0``, else the scalar rule. Returns (alpha, beta, column)."""
+    r = A.shape[1]
+    K, lam = column_system(A, B, dA, dB)
+    try:
+        a, b, _, ok = column_scaling(K, lam, kappa)
+    except np.linalg.LinAlgError:
+        ok = False
+    if ok:
+        return a, b, True
+    x, y, _ = scalar_kkt(scalar_quantities(A, B, dA, dB), kappa)
+    return np.full(r, np.sqrt(x)), np.full(r, np.sqrt(y)), False
+
+
+# --------------------------------------------------------------------------- PEFT-layout steps
+
+
+def peft_reflora_grads(Ap, Bp, gAp, gBp):
+    """RefLoRA preconditioning in PEFT layout (spec 2.3/2.4): ``gA <- S^{-1} gA``, ``gB <- gB S``."""
+    S = geometric_mean(Ap @ Ap.T, Bp.T @ Bp)
+    return np.linalg.solve(S, gAp), gBp @ S
+
+
+def peft_merge(Wp, Ap, Bp, s, coeff, fan_in_fan_out=False):
+    """``Wp += s Bp diag(coeff) Ap`` (spec 4.8), transposed storage for ``fan_in_fan_out``."""
+    inc = s * (Bp * coeff) @ Ap
+    return Wp + (inc.T if fan_in_fan_out else inc)
+
+
+def peft_scalora_scalings(Ap, Bp, gAp, gBp, s, kappa):
+    """Spec 4.8 effective factors ``A = sqrt(s) Ap^T``, ``B = sqrt(s) Bp``, ``dA = gAp^T``, ``dB = gBp``."""
+    rs = np.sqrt(s)
+    return hybrid(rs * Ap.T, rs * Bp, gAp.T, gBp, kappa)
+
+
+def transfer(state: dict, row: np.ndarray | None = None, col: np.ndarray | None = None) -> dict:
+    """Moment transfer (spec 4.7): first moments times the scale, second moments times its square."""
+    scale = row[:, None] if row is not None else col[None, :]
+    out = dict(state)
+    for k, p in (("exp_avg", 1), ("momentum_buffer", 1), ("exp_avg_sq", 2), ("max_exp_avg_sq", 2)):
+        if out.get(k) is not None:
+            out[k] = out[k] * scale**p
+    return out
+
+
+def adamw_step(p, g, st, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, amsgrad=False):
+    """One decoupled-weight-decay Adam step (Loshchilov & Hutter); ``st`` has exp_avg, exp_avg_sq, step."""
+    b1, b2 = betas
+    t = st.get("step", 0) + 1
+    m = b1 * st.get("exp_avg", np.zeros_like(p)) + (1 - b1) * g
+    v = b2 * st.get("exp_avg_sq", np.zeros_like(p)) + (1 - b2) * g * g
+    new = {"step": t, "exp_avg": m, "exp_avg_sq": v}
+    vv = v
+    if amsgrad:
+        vv = np.maximum(st.get("max_exp_avg_sq", np.zeros_like(p)), v)
+        new["max_exp_avg_sq"] = vv
+    p = p * (1 - lr * weight_decay)
+    p = p - lr * (m / (1 - b1**t)) / (np.sqrt(vv / (1 - b2**t)) + eps)
+    return p, new

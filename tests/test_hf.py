@@ -1,0 +1,236 @@
+"""Trainer / TRL integration (optlora.hf): attach, clipping/accumulation/schedule, checkpoint and bit-exact resume."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import shutil
+
+import pytest
+import torch
+from eco_helpers import TokenDataset, tiny_peft, tiny_texts, tiny_tokenizer
+from transformers import Trainer, TrainingArguments, get_linear_schedule_with_warmup
+
+import optlora
+import optlora.hf
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _args(out, **kw) -> TrainingArguments:
+    base = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        learning_rate=1e-2,
+        lr_scheduler_type="linear",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+    )
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    """Every LoRA factor and every base weight under a LoRA layer (ScaLoRA changes those)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n or "base_layer" in n}
+
+
+def _method(kind: str, model):
+    if kind == "scalora":
+        return optlora.ScaLoRA(model, warmup_steps=1, kappa=0.5)
+    return optlora.RefLoRA(model, scalar=True, warmup_steps=1)
+
+
+@pytest.mark.parametrize("kind", ["scalora", "reflora_s"])
+def test_trainer_with_callback_equals_manual_loop(tmp_path, kind):
+    """Grad accumulation + clipping + linear LR schedule through Trainer == a hand-written loop with attach()."""
+    steps, clip, lr = 4, 0.05, 1e-2
+    data = TokenDataset(n=8)  # batch 4 x accumulation 2 = the whole set per optimizer step: order cannot matter
+    model = tiny_peft(seed=3)
+    method = _method(kind, model)
+    args = _args(tmp_path, max_steps=steps, gradient_accumulation_steps=2, max_grad_norm=clip, learning_rate=lr)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[optlora.hf.callback(method)])
+    trainer.train()
+    assert method.steps == trainer.state.global_step == steps  # once per optimizer step, not per micro-batch
+    assert method.method_steps == steps - 1
+
+    ref = tiny_peft(seed=3)
+    ref_method = _method(kind, ref)
+    params = [p for p in ref.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = get_linear_schedule_with_warmup(opt, 0, steps)
+    ref_method.attach(opt)
+    ref.train()
+    ids = data.ids
+    for _ in range(steps):
+        ref(input_ids=ids, labels=ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    got, want = _snapshot(model), _snapshot(ref)
+    untouched = _snapshot(tiny_peft(seed=3))
+    assert any(not torch.equal(got[k], untouched[k]) for k in got)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=2e-4, atol=2e-6, msg=k)
+
+
+def test_bf16_mixed_precision_trains(tmp_path):
+    model = tiny_peft(seed=1)
+    method = optlora.ScaLoRA(model, warmup_steps=1)
+    args = _args(tmp_path, bf16=True, max_steps=3, gradient_accumulation_steps=2, logging_steps=1)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[optlora.hf.callback(method)])
+    out = trainer.train()
+    assert torch.isfinite(torch.tensor(out.training_loss))
+    assert method.method_steps == 2 and method.stats()["last_skipped_layers"] == []
+    assert all(torch.isfinite(p).all() for p in _snapshot(model).values())
+
+
+def _run(out, *, resume=None, trainer_cls=None, steps=6, callback_kw=None):
+    model = tiny_peft(seed=5)
+    method = optlora.ScaLoRA(model, warmup_steps=1, kappa=0.5)
+    args = _args(out, max_steps=steps, save_strategy="steps", save_steps=3, gradient_accumulation_steps=2)
+    data = TokenDataset(n=24)
+    if trainer_cls is None:
+        cb = optlora.hf.callback(method, **(callback_kw or {}))
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+    else:
+        trainer = trainer_cls(model=model, args=args, train_dataset=data, method=method)
+    trainer.train(resume_from_checkpoint=resume)
+    return model, method
+
+
+def _assert_bit_equal(a, b):
+    sa, sb = _snapshot(a), _snapshot(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_resume_is_bit_exact(tmp_path):
+    full, full_method = _run(tmp_path / "a")
+    ckpt = tmp_path / "a" / "checkpoint-3"
+    assert (ckpt / optlora.hf.STATE_FILE).is_file()
+    saved = optlora.hf.read_state(ckpt)
+    assert saved["steps"] == 3 and saved["method_steps"] == 2
+
+    # callback only, resume_from_checkpoint=True inside output_dir
+    shutil.copytree(ckpt, tmp_path / "b" / "checkpoint-3")
+    resumed, method = _run(tmp_path / "b", resume=True)
+    assert method.steps == full_method.steps == 6
+    _assert_bit_equal(resumed, full)
+
+    # OptLoRATrainer: a checkpoint outside output_dir
+    resumed2, _ = _run(tmp_path / "c", resume=str(ckpt), trainer_cls=optlora.hf.OptLoRATrainer)
+    _assert_bit_equal(resumed2, full)
+
+    # callback with an explicit resume_from
+    resumed3, _ = _run(tmp_path / "e", resume=str(ckpt), callback_kw={"resume_from": ckpt})
+    _assert_bit_equal(resumed3, full)
+
+
+def test_resume_without_method_state_is_refused(tmp_path):
+    _run(tmp_path / "a", steps=3)
+    with pytest.raises(RuntimeError, match="resume_from"):
+        _run(tmp_path / "d", resume=str(tmp_path / "a" / "checkpoint-3"))
+    (tmp_path / "a" / "checkpoint-3" / optlora.hf.STATE_FILE).unlink()
+    with pytest.raises(RuntimeError, match="cannot be restored"):
+        _run(tmp_path / "a", resume=True)
+
+
+def test_load_best_model_at_end_restores_that_method_state(tmp_path):
+    model = tiny_peft(seed=5)
+    method = optlora.ScaLoRA(model, warmup_steps=1, kappa=0.5)
+    args = _args(
+        tmp_path,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=True,  # the *worse* (earlier) loss wins: checkpoint-2, not the final state
+    )
+    data = TokenDataset(n=8)
+    cb = optlora.hf.callback(method)
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data, callbacks=[cb])
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    saved = optlora.hf.read_state(trainer.state.best_model_checkpoint)
+    assert method.steps == 2
+    for f in method.factors:
+        assert torch.equal(f.base_weight, saved["base_weights"][f.name])
+
+
+def test_callback_rejects_non_method():
+    with pytest.raises(TypeError, match="optlora method"):
+        optlora.hf.callback(object())
+
+
+def test_trl_sft_trainer(tmp_path):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    tok = tiny_tokenizer()
+    model = tiny_peft(seed=2)
+    model.config.pad_token_id, model.config.eos_token_id = tok.pad_token_id, tok.eos_token_id
+    method = optlora.RefLoRA(model, warmup_steps=1)
+    before = _snapshot(model)
+
+    class OptLoRASFTTrainer(optlora.hf.OptLoRAMixin, trl.SFTTrainer):
+        pass
+
+    cfg = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_length=16,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        learning_rate=1e-2,
+    )
+    ds = datasets.Dataset.from_dict({"text": tiny_texts(16)})
+    trainer = OptLoRASFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, method=method)
+    trainer.train()
+    assert trainer.optlora_method is method
+    assert method.steps == 3 and method.method_steps == 2
+    assert method.stats()["last_skipped_layers"] == []
+    assert any(not torch.equal(before[k], v) for k, v in _snapshot(model).items())
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add(("." * node.level) + (node.module or ""))
+    return names
+
+
+def test_layering():
+    """optlora.hf never imports trl; the core never imports the integrations."""
+    assert not any(n.split(".")[0] == "trl" for n in _imports(ROOT / "optlora" / "hf.py"))
+    integrations = {".hf", ".export", "optlora.hf", "optlora.export", ".cli", "optlora.cli"}
+    for name in ["__init__", "method", "discovery", "functional", "merge", "optimizer_state", "distributed"]:
+        assert not (_imports(ROOT / "optlora" / f"{name}.py") & integrations), name
+
+
+@pytest.mark.parametrize("script,method", [("train_trainer", "scalora"), ("train_trl", "reflora_s")])
+def test_examples_run(tmp_path, monkeypatch, script, method):
+    pytest.importorskip("trl")
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    main = __import__(script).main
+    argv = ["--method", method, "--steps", "4", "--samples", "32", "--warmup-steps", "1", "--interval", "1"]
+    assert main([*argv, "--output-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "checkpoint-4" / optlora.hf.STATE_FILE).is_file()
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
