@@ -177,7 +177,7 @@ class LoRAMethod:
         if not groups:
             return
         with torch.no_grad():
-            plans = [self._plan(g) for g in groups]
+            plans = self._plan_all(groups)
             if self.on_nonfinite == "raise" and not bool(torch.cat([p["finite"] for p in plans]).all()):  # one sync
                 bad = [f.name for g, p in zip(groups, plans) for f, o in zip(g.factors, p["finite"].tolist()) if not o]
                 if bad:
@@ -208,6 +208,10 @@ class LoRAMethod:
     def _plan(self, group: LayerGroup) -> dict[str, torch.Tensor]:
         """Closed forms for one group; must return at least bool masks ``finite`` and ``ok``."""
         raise NotImplementedError
+
+    def _plan_all(self, groups: list[LayerGroup]) -> list[dict[str, torch.Tensor]]:
+        """Plans of all groups; override to batch work across groups (e.g. the r x r math)."""
+        return [self._plan(g) for g in groups]
 
     def _apply(self, group: LayerGroup, plan: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
@@ -243,10 +247,11 @@ class LoRAMethod:
     def _rescale_group_(self, group: LayerGroup, alpha: torch.Tensor, beta: torch.Tensor) -> None:
         """:meth:`_rescale_` for a whole group at once: ``alpha``, ``beta`` are (L, r).
 
-        Same arithmetic as ``_rescale_`` (scales cast to each tensor's dtype, squared there for
-        second moments), but as one ``torch._foreach_mul_`` over every factor, gradient and
-        moment of the group instead of about ten small kernels per layer. On CUDA the scales
-        are materialised to full shape so that the multi-tensor fast path applies.
+        Same arithmetic as ``_rescale_`` (scales in float32 or better, squared there for second
+        moments, one rounding into half-precision storage), but as one ``torch._foreach_mul_``
+        over every factor, gradient and moment of the group instead of about ten small kernels
+        per layer. On CUDA the scales are materialised to full shape so that the multi-tensor
+        fast path applies (for float32 tensors; half-precision ones take foreach's per-tensor path).
         """
         cast: dict[tuple, torch.Tensor] = {}
         first = group.factors[0]
@@ -256,7 +261,7 @@ class LoRAMethod:
         def scale(which: str, dtype: torch.dtype, row: bool, power: int = 1) -> torch.Tensor:
             key = (which, dtype, row, power)
             if key not in cast:
-                t = (alpha if which == "alpha" else beta).to(dtype)
+                t = (alpha if which == "alpha" else beta).to(torch.promote_types(dtype, torch.float32))
                 t = t if power == 1 else t**power
                 t = t[:, :, None] if row else t[:, None, :]
                 cast[key] = t.expand(shape_A if row else shape_B).contiguous() if full else t

@@ -70,24 +70,52 @@ class RefLoRA(LoRAMethod):
         return {**super().config(), "scalar": self.scalar}
 
     def _plan(self, group: LayerGroup) -> dict[str, torch.Tensor]:
+        return self._plan_all([group])[0]
+
+    def _plan_all(self, groups: list[LayerGroup]) -> list[dict[str, torch.Tensor]]:
+        """Stacks and Grams per group; RefLoRA's r x r closed form once for all groups of the same rank.
+
+        Batching the closed form over groups matters on CUDA: ``torch.linalg.eigh`` synchronises
+        the device with the host, so one call pair per step instead of one per group shape.
+        """
         dt = self.compute_dtype
-        A, B = group.stack("A", dt), group.stack("B", dt)  # (L, r, in), (L, out, r)
-        gA, gB = group.stack("gA", dt), group.stack("gB", dt)
-        finite = self._finite(A, B, gA, gB)
+        parts = []
+        for group in groups:
+            A, B = group.stack("A", dt), group.stack("B", dt)  # (L, r, in), (L, out, r)
+            gA, gB = group.stack("gA", dt), group.stack("gB", dt)
+            parts.append((A, B, gA, gB, self._finite(A, B, gA, gB)))
         if self.scalar:
-            s, ok = reflora_s_scale(A.square().sum((1, 2)), B.square().sum((1, 2)))
-            return {"finite": finite, "ok": ok & finite, "P": s.sqrt()}
-        ref = reflora_preconditioner(A @ A.mT, B.mT @ B, rank_tol=self.rank_tol)
-        ok = ref.ok & finite
-        eye = torch.eye(A.shape[1], dtype=dt, device=A.device)
-        keep = ok[:, None, None]
-        # PEFT layout: lora_A.grad = (dA S^{-1})^T = S^{-1} lora_A.grad ; lora_B.grad = dB S
-        return {
-            "finite": finite,
-            "ok": ok,
-            "gA": torch.where(keep, ref.S_inv, eye) @ gA,
-            "gB": gB @ torch.where(keep, ref.S, eye),
-        }
+            plans = []
+            for A, B, _, _, finite in parts:
+                s, ok = reflora_s_scale(A.square().sum((1, 2)), B.square().sum((1, 2)))
+                plans.append({"finite": finite, "ok": ok & finite, "P": s.sqrt()})
+            return plans
+        refs: list = [None] * len(parts)
+        buckets: dict[tuple, list[int]] = {}
+        for i, (A, *_rest) in enumerate(parts):
+            buckets.setdefault((A.shape[1], A.device), []).append(i)
+        for idx in buckets.values():
+            gram_A = torch.cat([parts[i][0] @ parts[i][0].mT for i in idx])
+            gram_B = torch.cat([parts[i][1].mT @ parts[i][1] for i in idx])
+            ref = reflora_preconditioner(gram_A, gram_B, rank_tol=self.rank_tol)
+            sizes = [parts[i][0].shape[0] for i in idx]
+            for i, S, S_inv, ok in zip(idx, ref.S.split(sizes), ref.S_inv.split(sizes), ref.ok.split(sizes)):
+                refs[i] = (S, S_inv, ok)
+        plans = []
+        for (A, _, gA, gB, finite), (S, S_inv, ref_ok) in zip(parts, refs):
+            ok = ref_ok & finite
+            eye = torch.eye(A.shape[1], dtype=dt, device=A.device)
+            keep = ok[:, None, None]
+            # PEFT layout: lora_A.grad = (dA S^{-1})^T = S^{-1} lora_A.grad ; lora_B.grad = dB S
+            plans.append(
+                {
+                    "finite": finite,
+                    "ok": ok,
+                    "gA": torch.where(keep, S_inv, eye) @ gA,
+                    "gB": gB @ torch.where(keep, S, eye),
+                }
+            )
+        return plans
 
     def _apply(self, group: LayerGroup, plan: dict[str, torch.Tensor]) -> None:
         if self.scalar:

@@ -108,6 +108,10 @@ class ScaLoRA(LoRAMethod):
         return cache[key]
 
     def _plan(self, group: LayerGroup) -> dict[str, torch.Tensor]:
+        return self._plan_all([group])[0]
+
+    def _grams(self, group: LayerGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Grams of ``S^A``, ``S^B`` in effective coordinates, and per-layer finiteness."""
         dt = self.compute_dtype
         XA = group.pair("A", "gA", dt, dim=1)  # (L, 2r, in)  = [lora_A; lora_A.grad]     = S^A^T (raw)
         XB = group.pair("gB", "B", dt, dim=2)  # (L, out, 2r) = [lora_B.grad, lora_B]     = S^B   (raw)
@@ -123,14 +127,29 @@ class ScaLoRA(LoRAMethod):
         root_s = group.scalings(dt).sqrt()[:, None].expand(L, r)
         ones = torch.ones_like(root_s)
         dA, dB = torch.cat([root_s, ones], 1), torch.cat([ones, root_s], 1)
-        gram_SA = gram_SA * (dA[:, :, None] * dA[:, None, :])
-        gram_SB = gram_SB * (dB[:, :, None] * dB[:, None, :])
-        sc = scalora_scalings(gram_SA, gram_SB, self._kappa(dt, gram_SA.device), self.mode)
-        ok = sc.ok & finite
-        one = torch.ones_like(sc.alpha)
-        alpha = torch.where(ok[:, None], sc.alpha, one)
-        beta = torch.where(ok[:, None], sc.beta, one)
-        return {"finite": finite, "ok": ok, "column": sc.column & ok, "alpha": alpha, "beta": beta}
+        return gram_SA * (dA[:, :, None] * dA[:, None, :]), gram_SB * (dB[:, :, None] * dB[:, None, :]), finite
+
+    def _plan_all(self, groups: list[LayerGroup]) -> list[dict[str, torch.Tensor]]:
+        """Grams per group; the 2r x 2r closed forms once for all groups of the same rank (fewer kernels)."""
+        grams = [self._grams(g) for g in groups]
+        plans: list = [None] * len(groups)
+        buckets: dict[tuple, list[int]] = {}
+        for i, (gram_SA, _, _) in enumerate(grams):
+            buckets.setdefault((gram_SA.shape[-1], gram_SA.device), []).append(i)
+        for idx in buckets.values():
+            gram_SA = torch.cat([grams[i][0] for i in idx])
+            gram_SB = torch.cat([grams[i][1] for i in idx])
+            finite = torch.cat([grams[i][2] for i in idx])
+            sc = scalora_scalings(gram_SA, gram_SB, self._kappa(gram_SA.dtype, gram_SA.device), self.mode)
+            ok = sc.ok & finite
+            one = torch.ones_like(sc.alpha)
+            alpha = torch.where(ok[:, None], sc.alpha, one)
+            beta = torch.where(ok[:, None], sc.beta, one)
+            column = sc.column & ok
+            sizes = [grams[i][2].shape[0] for i in idx]
+            for i, *parts in zip(idx, *(t.split(sizes) for t in (finite, ok, column, alpha, beta))):
+                plans[i] = dict(zip(("finite", "ok", "column", "alpha", "beta"), parts))
+        return plans
 
     def _apply(self, group: LayerGroup, plan: dict[str, torch.Tensor]) -> None:
         alpha, beta = plan["alpha"], plan["beta"]

@@ -95,7 +95,9 @@ def _with_state(model, dtype):
 @pytest.mark.parametrize("full", [False, True])  # True: the CUDA layout (scales materialised to full shape)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_group_rescale_equals_per_layer_rescale(dtype, full):
-    ref_model, fast_model = _llama(dtype=dtype), _llama(dtype=dtype)
+    # PEFT keeps adapters in float32 on a bf16 model by default: cast them too, to test half-precision factors
+    ref_model, fast_model = _llama(dtype=dtype).to(dtype), _llama(dtype=dtype).to(dtype)
+    assert ref_model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == dtype
     ref_opt, fast_opt = _with_state(ref_model, dtype), _with_state(fast_model, dtype)
     ref_m = optlora.ScaLoRA(ref_model, warmup_steps=0).attach(ref_opt)
     fast_m = optlora.ScaLoRA(fast_model, warmup_steps=0).attach(fast_opt)

@@ -3,16 +3,18 @@
 1. The matrix-factorisation toy (RefLoRA Fig. 2) at both learning rates -- LoRA, ScaledGD,
    RefLoRA, RefLoRA-S, ScaLoRA, ScaLoRA-I -- through :mod:`optlora.experiments.mf`
    (well under a minute);
-2. a short SST-2 fine-tune, LoRA vs RefLoRA vs ScaLoRA, through
+2. a short SST-2 fine-tune (batch 16, 64 tokens, one pass over ``steps x 16`` training
+   sentences), LoRA vs RefLoRA vs ScaLoRA, through
    :func:`optlora.experiments.finetune.run_finetune` (skipped, with a message, if that
    module or the data is unavailable).
 
-Tables are printed; results and figures go to ``--out`` (``mf/`` and ``sst2/``).
+Tables are printed; results and figures go to ``--out`` (``mf/`` and ``sst2/``, figures in ``sst2/plots/``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -21,8 +23,9 @@ from ..cli import HelpFormatter
 from . import mf
 
 FT_METHODS = ("lora", "reflora", "scalora")
-FULL = {"mf_steps": mf.FULL_STEPS, "ft_steps": 200, "eval_samples": 872}
+FULL = {"mf_steps": mf.FULL_STEPS, "ft_steps": 150, "eval_samples": 872}
 QUICK = {"mf_steps": mf.QUICK_STEPS, "ft_steps": 60, "eval_samples": 200}
+FT_BATCH, FT_MAX_LEN = 16, 64
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -55,6 +58,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="SST-2 model: local path, hub id or 'tiny' (default: finetune's)")
     p.add_argument("--data-dir", default=None, help="folder holding glue/SST-2 (default: finetune's)")
     p.add_argument("--seed", type=int, default=0, help="seed of both experiments")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads of the fine-tune (1 on a busy machine)")
     p.add_argument("--skip-finetune", action="store_true", help="run the matrix factorisation only")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (also off when stderr is not a TTY)")
     p.set_defaults(func=run)
@@ -91,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"== 2. SST-2 fine-tune: {' vs '.join(FT_METHODS)}, {ft_steps} steps ==")
     try:
-        from . import finetune
+        finetune = importlib.import_module("optlora.experiments.finetune")
     except Exception as exc:  # noqa: BLE001 - part 2 may be missing or broken: keep the MF part
         print(f"skipped: optlora.experiments.finetune is not importable ({type(exc).__name__}: {exc})")
         return 0
@@ -103,7 +107,11 @@ def run(args: argparse.Namespace) -> int:
             out_dir=out / "sst2",
             seeds=(args.seed,),
             steps=ft_steps,
+            batch_size=FT_BATCH,
+            max_len=FT_MAX_LEN,
+            train_samples=ft_steps * FT_BATCH,  # every training example seen once; skips encoding the rest
             eval_samples=eval_samples,
+            threads=args.threads,
             model=args.model,
             data_dir=args.data_dir,
             progress=progress,
@@ -111,8 +119,9 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, OSError, ValueError) as exc:
         print(f"optlora demo: the SST-2 fine-tune failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    from .plots import plot_runs
+    if not (out / "sst2" / "plots").is_dir():  # finetune draws its own figures there
+        from .plots import plot_runs
 
-    plot_runs(records, out / "sst2")
+        plot_runs(records, out / "sst2" / "plots")
     print(f"-> {out / 'sst2'} ({time.perf_counter() - t1:.0f} s); total {time.perf_counter() - t0:.0f} s")
     return 0

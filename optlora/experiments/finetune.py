@@ -41,7 +41,7 @@ from .telemetry import UpdateRankTracker, column_fraction, rss_mb, trim_memory
 
 TASKS = {"sst2": "SEQ_CLS", "gsm8k": "CAUSAL_LM"}
 DEFAULTS = {
-    "sst2": dict(steps=300, batch_size=32, max_len=64, lrs=[1e-3], full_lrs=[5e-5], eval_samples=872),
+    "sst2": dict(steps=300, batch_size=16, max_len=64, lrs=[1e-3], full_lrs=[5e-5], eval_samples=872),
     "gsm8k": dict(steps=20, batch_size=8, max_len=128, lrs=[5e-4], full_lrs=[2e-5], eval_samples=16),
 }
 QUICK = dict(

@@ -253,22 +253,34 @@ def plot_runs(records: list[dict], out_dir: str | Path, smooth: float = 0.0) -> 
 
 
 def plot_paths(paths, out: str | Path | None = None, smooth: float = 0.0) -> list[Path]:
-    """Plot every result file under ``paths``; MF files next to themselves (or under ``out``)."""
+    """Plot every result file under ``paths``.
+
+    MF files are plotted next to themselves (or in ``out/<folder>``); an ``optlora mf``
+    output folder (``DIR/lr_<lr>/results.json``) also gets the side-by-side comparison in
+    ``DIR`` (or ``out``), and its ``DIR/results.json`` copy of the primary lr is skipped.
+    Per-run records are plotted together in ``out`` (default: the first record's folder).
+    """
     files = res.find_result_files(paths)
     if not files:
         raise FileNotFoundError(f"no *.json result files under {[str(p) for p in paths]}")
     runs, runs_dir, written = [], None, []
+    sweeps: dict[Path, dict] = defaultdict(dict)  # mf output folder -> {lr: result}
     for f in files:
         obj = res.read_json(f)
         k = res.kind(obj)
         if k == "mf":
-            target = (
-                Path(out) / f.parent.name if out is not None and len(files) > 1 else (Path(out) if out else f.parent)
-            )
+            if f.name == "results.json" and any(d.name.startswith("lr_") for d in f.parent.iterdir() if d.is_dir()):
+                if len(files) > 1:
+                    continue  # the copy of the primary lr: plotted from its lr_<lr>/ folder
+            if f.parent.name.startswith("lr_"):
+                sweeps[f.parent.parent][obj.get("config", {}).get("lr", f.parent.name)] = obj
+            target = Path(out) / f.parent.name if out is not None and len(files) > 1 else Path(out or f.parent)
             written += plot_mf(obj, target)
         elif k == "run":
             runs.append(obj)
             runs_dir = runs_dir or f.parent
+    for folder, by_lr in sweeps.items():
+        written += plot_mf_comparison(by_lr, Path(out) if out is not None else folder)
     if runs:
         written += plot_runs(runs, Path(out) if out is not None else runs_dir, smooth)
     if not written:

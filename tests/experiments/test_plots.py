@@ -90,7 +90,7 @@ def test_plot_cli_on_a_folder_of_mixed_results(tmp_path, capsys):
     (tmp_path / "ft" / "notes.json").write_text('{"something": "else"}')
     assert cli.main(["plot", str(tmp_path), "--out", str(tmp_path / "figs")]) == 0
     printed = capsys.readouterr().out.split()
-    assert len(printed) == 2 + 3
+    assert len(printed) == 2 + 2 + 3  # mf per lr, mf comparison, runs (no ScaLoRA curves)
     for p in printed:
         assert_png(p)
     assert cli.main(["plot", str(tmp_path / "mf" / "lr_0.01" / "results.json")]) == 0  # next to the file
@@ -184,3 +184,17 @@ def test_write_csv_columns_and_cells(tmp_path):
     res.write_csv(tmp_path / "t.csv", [{"a": 1, "b": math.inf}, {"a": None, "c": [1, 2]}])
     rows = list(csv.DictReader((tmp_path / "t.csv").open()))
     assert rows == [{"a": "1", "b": "inf", "c": ""}, {"a": "", "b": "", "c": "[1, 2]"}]
+
+
+def test_plot_cli_on_an_mf_output_folder_rebuilds_the_comparison(tmp_path, capsys):
+    for lr in (0.01, 0.03):
+        res.write_json(tmp_path / f"lr_{lr:g}" / "results.json", mf_result(lr))
+    res.write_json(tmp_path / "results.json", mf_result(0.01))  # the primary-lr copy
+    assert cli.main(["plot", str(tmp_path)]) == 0
+    printed = sorted(capsys.readouterr().out.split())
+    expected = ["balance.png", "loss.png", "lr_0.01/balance.png", "lr_0.01/loss.png"]
+    expected += ["lr_0.03/balance.png", "lr_0.03/loss.png"]
+    assert printed == sorted(str(tmp_path / e) for e in expected)
+    both = matplotlib.image.imread(tmp_path / "loss.png")
+    one = matplotlib.image.imread(tmp_path / "lr_0.01" / "loss.png")
+    assert both.shape[1] > 1.5 * one.shape[1]  # the two-lr comparison was not overwritten by the copy
