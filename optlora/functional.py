@@ -264,7 +264,8 @@ def scalora_scalar_scaling(
     """
     gA, gB, pA, pB, pAB = q
     ok = _finite(gA, gB, pA, pB, pAB, dims=0) & ((pA > 0) | (pB > 0))
-    kappa = torch.as_tensor(kappa, dtype=gA.dtype, device=gA.device)
+    if isinstance(kappa, torch.Tensor):  # a Python float needs no host-to-device copy
+        kappa = kappa.to(gA.dtype)
     one, zero = torch.ones_like(gA), torch.zeros_like(gA)
 
     def value(x, y):

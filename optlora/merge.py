@@ -115,12 +115,13 @@ def merge_low_rank_(
             ``kahan``/``fp32``; ``generator`` drives ``stochastic`` (for reproducible runs).
     """
     mode = resolve_mode(mode, weight.dtype)
-    left = lora_B * coeff.to(lora_B.dtype)[None, :]
-    right = lora_A
+    # the thin factor times coeff in float32 (or better); a single rounding happens when it meets the weight
+    work = torch.promote_types(torch.promote_types(lora_B.dtype, weight.dtype), torch.float32)
+    left, right = lora_B.to(work) * coeff.to(work)[None, :], lora_A.to(work)
     if fan_in_fan_out:  # weight stored as in x out: W^T += s * A^T diag(c) B^T
-        left, right = lora_A.mT, (lora_B * coeff.to(lora_B.dtype)[None, :]).mT
+        left, right = right.mT, left.mT
     if mode == "nearest":
-        weight.addmm_(left.to(weight.dtype), right.to(weight.dtype), alpha=scaling)
+        weight.addmm_(left.to(weight.dtype), right.to(weight.dtype), alpha=scaling)  # a single rounding
         return
     if mode == "fp32":
         if buffer is None or buffer.dtype != torch.float32:

@@ -111,8 +111,9 @@ class RefLoRA(LoRAMethod):
                 {
                     "finite": finite,
                     "ok": ok,
-                    "gA": torch.where(keep, S_inv, eye) @ gA,
-                    "gB": gB @ torch.where(keep, S, eye),
+                    # skipped layers keep their gradient as is (an identity product would turn 0 * Inf into NaN)
+                    "gA": torch.where(keep, torch.where(keep, S_inv, eye) @ gA, gA),
+                    "gB": torch.where(keep, gB @ torch.where(keep, S, eye), gB),
                 }
             )
         return plans

@@ -153,7 +153,8 @@ class ScaLoRA(LoRAMethod):
 
     def _apply(self, group: LayerGroup, plan: dict[str, torch.Tensor]) -> None:
         alpha, beta = plan["alpha"], plan["beta"]
-        coeff = (1.0 - alpha * beta).to(group.factors[0].lora_B.dtype)  # one cast per group, not per layer
+        # float32 at least: rounding 1 - alpha*beta to bf16 would change the model's function at the merge
+        coeff = (1.0 - alpha * beta).to(torch.promote_types(group.factors[0].lora_B.dtype, torch.float32))
         for i, f in enumerate(group.factors):
             w = f.base_weight
             merge.merge_low_rank_(
