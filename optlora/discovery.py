@@ -94,7 +94,9 @@ def _check_mergeable(f: LoRAFactors) -> str | None:
     return None
 
 
-def find_lora_factors(model: nn.Module, *, mergeable: bool = False, skip_unsupported: bool = False) -> list[LoRAFactors]:
+def find_lora_factors(
+    model: nn.Module, *, mergeable: bool = False, skip_unsupported: bool = False
+) -> list[LoRAFactors]:
     """All trainable LoRA adapters of ``model``, checked for support.
 
     Args:

@@ -282,7 +282,11 @@ def scalora_scalar_scaling(
     for x, y, valid in ((xa, zero, pA > 0), (zero, yb, pB > 0), (xi, yi, interior)):
         val = value(x, y)
         better = valid & (val < best)
-        best_x, best_y, best = torch.where(better, x, best_x), torch.where(better, y, best_y), torch.where(better, val, best)
+        best_x, best_y, best = (
+            torch.where(better, x, best_x),
+            torch.where(better, y, best_y),
+            torch.where(better, val, best),
+        )
     ok = ok & (best < 0)
     # LoRA init (B = 0): beta does not enter the bound; keep B (and its moments) as they are.
     best_y = torch.where((pB == 0) & (pAB == 0) & (best_y == 0), one, best_y)

@@ -54,7 +54,9 @@ def require_moment_rule(optimizer: torch.optim.Optimizer, method: str) -> dict[s
     return rule
 
 
-def scale_param_state_(optimizer: torch.optim.Optimizer, rule: dict[str, int], param: torch.Tensor, scale: torch.Tensor) -> None:
+def scale_param_state_(
+    optimizer: torch.optim.Optimizer, rule: dict[str, int], param: torch.Tensor, scale: torch.Tensor
+) -> None:
     """Multiply every moment of ``param`` by ``scale ** power`` (``scale`` broadcasts to it)."""
     state = optimizer.state.get(param)
     if not state:

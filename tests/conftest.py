@@ -19,6 +19,10 @@ import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from torch import nn  # noqa: E402
 
+# One intra-op thread per pytest-xdist worker: CI has 2 cores and runs 2 workers; more threads
+# oversubscribe the cores and make tiny-model steps up to ~100x slower.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():
