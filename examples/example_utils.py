@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 
@@ -12,6 +13,23 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 import optlora
 
 METHODS = ("reflora", "reflora_s", "scalora", "scalora_i", "lora")
+
+
+def common_args(description: str, *, method: str, output_dir: str) -> argparse.ArgumentParser:
+    """The options both example scripts share."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--model", default=None, help="hub id or path (default: tiny Llama built from a config)")
+    p.add_argument("--method", choices=METHODS, default=method, help="optlora method (lora = plain PEFT)")
+    p.add_argument("--jsonl", default=None, help="JSON-lines data with question/answer fields (default: synthetic)")
+    p.add_argument("--samples", type=int, default=256, help="number of training texts")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (linear decay)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--warmup-steps", type=int, default=10, help="plain LoRA steps before the method starts")
+    p.add_argument("--interval", type=int, default=5, help="ScaLoRA-I / RefLoRA interval")
+    p.add_argument("--output-dir", default=output_dir, help="checkpoints and exports")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 on busy machines)")
+    return p
 
 
 def tiny_tokenizer(words: int = 250) -> PreTrainedTokenizerFast:

@@ -10,11 +10,10 @@ end a ScaLoRA run is exported as a standard LoRA adapter by truncated SVD (``opt
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
-from example_utils import METHODS, add_lora, load_model, make_method, texts
+from example_utils import add_lora, common_args, load_model, make_method, texts
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 import optlora.export
@@ -22,20 +21,9 @@ import optlora.hf
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="hub id or path (default: tiny Llama built from a config)")
-    p.add_argument("--method", choices=METHODS, default="scalora", help="optlora method (lora = plain PEFT)")
-    p.add_argument("--jsonl", default=None, help="JSON-lines training data (default: synthetic sequences)")
-    p.add_argument("--samples", type=int, default=256, help="number of training texts")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps")
-    p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (linear decay)")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    p.add_argument("--warmup-steps", type=int, default=10, help="plain LoRA steps before the method starts")
-    p.add_argument("--interval", type=int, default=5, help="ScaLoRA-I / RefLoRA interval")
-    p.add_argument("--output-dir", default="runs/example_trainer", help="checkpoints and exports")
+    p = common_args(__doc__.split("\n\n")[0], method="scalora", output_dir="runs/example_trainer")
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output-dir")
     p.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 on busy machines)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

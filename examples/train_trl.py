@@ -9,11 +9,10 @@ restores the method state from whatever checkpoint ``train(resume_from_checkpoin
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
-from example_utils import METHODS, add_lora, load_model, make_method, texts
+from example_utils import add_lora, common_args, load_model, make_method, texts
 
 import optlora.export
 import optlora.hf
@@ -26,19 +25,8 @@ def main(argv=None) -> int:
     except ImportError as exc:
         raise SystemExit(f"this example needs TRL: pip install 'optlora[hf]' ({exc})") from exc
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="hub id or path (default: tiny Llama built from a config)")
-    p.add_argument("--method", choices=METHODS, default="reflora", help="optlora method (lora = plain PEFT)")
-    p.add_argument("--jsonl", default=None, help="JSON-lines data with question/answer fields (default: synthetic)")
-    p.add_argument("--samples", type=int, default=256, help="number of training texts")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps")
-    p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (linear decay)")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    p.add_argument("--warmup-steps", type=int, default=10, help="plain LoRA steps before the method starts")
-    p.add_argument("--interval", type=int, default=5, help="ScaLoRA-I / RefLoRA interval")
-    p.add_argument("--output-dir", default="runs/example_trl", help="checkpoints and the final adapter")
+    p = common_args(__doc__.split("\n\n")[0], method="reflora", output_dir="runs/example_trl")
     p.add_argument("--resume", default=None, help="checkpoint folder to resume from (or 'last')")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 on busy machines)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

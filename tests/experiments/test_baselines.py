@@ -92,12 +92,3 @@ def test_update_rank_grows_above_r_for_scalora_only():
             assert frac is not None and 0.0 <= frac <= 1.0
     assert out["lora"]["rank_max"] <= r and out["lora"]["lora_rank"] == r
     assert out["scalora"]["rank_mean"] > r
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread avoids oversubscription on small shared CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -8,17 +8,8 @@ import json
 import random
 
 import pytest
-import torch
 
 from optlora.experiments import finetune, results
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture
