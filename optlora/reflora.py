@@ -69,9 +69,6 @@ class RefLoRA(LoRAMethod):
     def config(self) -> dict:
         return {**super().config(), "scalar": self.scalar}
 
-    def _plan(self, group: LayerGroup) -> dict[str, torch.Tensor]:
-        return self._plan_all([group])[0]
-
     def _plan_all(self, groups: list[LayerGroup]) -> list[dict[str, torch.Tensor]]:
         """Stacks and Grams per group; RefLoRA's r x r closed form once for all groups of the same rank.
 
@@ -102,18 +99,17 @@ class RefLoRA(LoRAMethod):
             for i, S, S_inv, ok in zip(idx, ref.S.split(sizes), ref.S_inv.split(sizes), ref.ok.split(sizes)):
                 refs[i] = (S, S_inv, ok)
         plans = []
-        for (A, _, gA, gB, finite), (S, S_inv, ref_ok) in zip(parts, refs):
+        for (_, _, gA, gB, finite), (S, S_inv, ref_ok) in zip(parts, refs):
             ok = ref_ok & finite
-            eye = torch.eye(A.shape[1], dtype=dt, device=A.device)
             keep = ok[:, None, None]
-            # PEFT layout: lora_A.grad = (dA S^{-1})^T = S^{-1} lora_A.grad ; lora_B.grad = dB S
+            # PEFT layout: lora_A.grad = (dA S^{-1})^T = S^{-1} lora_A.grad ; lora_B.grad = dB S.
+            # Skipped layers keep their gradient as is (even an identity product turns 0 * Inf into NaN).
             plans.append(
                 {
                     "finite": finite,
                     "ok": ok,
-                    # skipped layers keep their gradient as is (an identity product would turn 0 * Inf into NaN)
-                    "gA": torch.where(keep, torch.where(keep, S_inv, eye) @ gA, gA),
-                    "gB": torch.where(keep, gB @ torch.where(keep, S, eye), gB),
+                    "gA": torch.where(keep, S_inv @ gA, gA),
+                    "gB": torch.where(keep, gB @ S, gB),
                 }
             )
         return plans

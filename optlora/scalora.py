@@ -98,18 +98,6 @@ class ScaLoRA(LoRAMethod):
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
 
-    def _kappa(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """``kappa`` as a cached device scalar: a Python float would be copied to the device (and the
-        host would wait for the copy) inside ``scalora_scalar_scaling`` at every step."""
-        cache = self.__dict__.setdefault("_kappa_cache", {})
-        key = (dtype, device, self.kappa)  # the value too: kappa may be changed between steps
-        if key not in cache:
-            cache[key] = torch.tensor(self.kappa, dtype=dtype, device=device)
-        return cache[key]
-
-    def _plan(self, group: LayerGroup) -> dict[str, torch.Tensor]:
-        return self._plan_all([group])[0]
-
     def _grams(self, group: LayerGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Grams of ``S^A``, ``S^B`` in effective coordinates, and per-layer finiteness."""
         dt = self.compute_dtype
@@ -140,7 +128,7 @@ class ScaLoRA(LoRAMethod):
             gram_SA = torch.cat([grams[i][0] for i in idx])
             gram_SB = torch.cat([grams[i][1] for i in idx])
             finite = torch.cat([grams[i][2] for i in idx])
-            sc = scalora_scalings(gram_SA, gram_SB, self._kappa(gram_SA.dtype, gram_SA.device), self.mode)
+            sc = scalora_scalings(gram_SA, gram_SB, self.kappa, self.mode)
             ok = sc.ok & finite
             one = torch.ones_like(sc.alpha)
             alpha = torch.where(ok[:, None], sc.alpha, one)
