@@ -31,6 +31,11 @@ COLORS = {
     "reflora_s": "tab:cyan",
     "scalora": "tab:red",
     "scalora_i": "tab:orange",
+    "dora": "tab:purple",
+    "loraplus": "tab:brown",
+    "pissa": "tab:pink",
+    "full": "black",
+    "galore": "tab:green",
 }
 VIEW = 1e4  # log plots show at most VIEW x the largest starting value (diverged runs leave the view)
 
