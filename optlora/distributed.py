@@ -26,8 +26,8 @@ ADVICE = (
     "optlora needs the full LoRA factors, their gradients and (ScaLoRA) the full base weight on every rank at "
     "optimizer.step(). Use DDP instead: `accelerate launch --multi_gpu train.py` (no FSDP/DeepSpeed config) or "
     "`torchrun --nproc_per_node N train.py` with torch.nn.parallel.DistributedDataParallel. LoRA's trainable state "
-    "is small, so sharding it saves little; to fit a large frozen base, load it in bfloat16, use gradient "
-    "checkpointing, or (RefLoRA only) a quantised base. Optimizer-state sharding that keeps full parameters and "
+    "is small, so sharding it saves little; to fit a large frozen base, load it in bfloat16 and use gradient "
+    "checkpointing. Optimizer-state sharding that keeps full parameters and "
     "gradients on every rank (ZeRO-1/2 style) is compatible in principle but not tested."
 )
 
