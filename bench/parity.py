@@ -116,11 +116,13 @@ def reference_layer(kind: str, L: dict, hyper: dict, kappa: float = 0.1, mode: s
     return W + s * Bp @ Ap
 
 
-def check_step(kind: str, model, method, optimizer, batch: dict, *, kappa: float = 0.1, mode: str = "hybrid") -> float:
+def check_step(kind: str, model, method, optimizer, batch: dict) -> float:
     """Run one forward/backward/step and return the worst relative error of ``dW`` vs the reference.
 
-    The method must be due on this step (``method.is_due(method.steps + 1)``).
+    The method must be due on this step (``method.is_due(method.steps + 1)``); ScaLoRA's ``kappa``
+    and ``mode`` are read from the method.
     """
+    kappa, mode = getattr(method, "kappa", None), getattr(method, "mode", "hybrid")
     if method is not None and not method.is_due(method.steps + 1):
         raise RuntimeError(f"{kind} is not due on the next step; parity would test a plain step")
     factors = method.factors if method is not None else optlora.find_lora_factors(model)
