@@ -83,7 +83,7 @@ def effective(layer: dict) -> np.ndarray:
     return layer["W"] + layer["s"] * layer["Bp"] @ layer["Ap"]
 
 
-def reference_layer(kind: str, L: dict, hyper: dict, kappa: float = 0.1, mode: str = "hybrid") -> np.ndarray:
+def reference_layer(kind: str, L: dict, hyper: dict, kappa: float, mode: str = "hybrid") -> np.ndarray:
     """Reference ``W_eff`` after one step of ``kind`` on layer snapshot ``L`` (out x in).
 
     ``mode`` (ScaLoRA): ``"hybrid"`` (spec 4.6) or ``"scalar"`` (robust scalar rule, spec 4.4).

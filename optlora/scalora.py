@@ -43,7 +43,8 @@ class ScaLoRA(LoRAMethod):
         interval: scale-and-merge every ``interval`` steps (ScaLoRA-I); plain steps between.
         kappa: ``1/(L eta)`` in effective coordinates (PEFT scale absorbed in the factors).
             It sets the size of the rescaled factors (``A~^T A~ ~ kappa``). Under Adam the
-            literal ``1/(L lr)`` is far too large; 0.01-1 works, see the README.
+            literal ``1/(L lr)`` is far too large. The default 1.0 keeps the factors near PEFT's
+            initial scale; tune it like a learning rate (README, docs/RESULTS.md).
         mode: ``"hybrid"`` (paper), ``"column"`` or ``"scalar"``.
         merge_precision: how increments enter bfloat16/float16 base weights:
             ``"auto"`` (= ``"stochastic"`` for half precision), ``"nearest"``, ``"kahan"``
@@ -63,7 +64,7 @@ class ScaLoRA(LoRAMethod):
         *,
         warmup_steps: int = 100,
         interval: int = 1,
-        kappa: float = 0.1,
+        kappa: float = 1.0,
         mode: str = "hybrid",
         merge_precision: str = "auto",
         seed: int = 0,

@@ -84,7 +84,7 @@ def build(
     weight_decay: float = 0.0,
     warmup_steps: int = 10,
     interval_i: int = 10,
-    kappa: float = 0.1,
+    kappa: float = 1.0,
     loraplus_ratio: float = 16.0,
     galore_gap: int = 50,
     galore_scale: float = 0.25,

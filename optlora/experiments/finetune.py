@@ -332,7 +332,7 @@ def default_config(task: str) -> dict:
         "max_grad_norm": 1.0,
         "method_warmup": None,
         "interval_i": 10,
-        "kappa": 0.1,
+        "kappa": 1.0,
         "train_samples": None,
         "eval_samples": d["eval_samples"],
         "eval_loss_samples": 64,
@@ -371,7 +371,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping norm, 0 = off (default 1)")
     p.add_argument("--method-warmup", type=int, default=None, help="plain LoRA steps before optlora (default 10%%)")
     p.add_argument("--interval-i", type=int, default=None, help="ScaLoRA-I interval (default 10)")
-    p.add_argument("--kappa", type=float, default=None, help="ScaLoRA kappa = 1/(L eta) (default 0.1)")
+    p.add_argument("--kappa", type=float, default=None, help="ScaLoRA kappa = 1/(L eta) (default 1.0)")
     p.add_argument("--train-samples", type=int, default=None, help="use only the first N training examples")
     p.add_argument("--eval-samples", type=int, default=None, help="dev examples (SST-2) / generated answers (GSM8K)")
     p.add_argument("--eval-loss-samples", type=int, default=None, help="GSM8K test examples for the answer loss")
