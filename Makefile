@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(VENV)/bin/optlora demo --quick
+	HF_HUB_OFFLINE=1 $(VENV)/bin/optlora demo --out runs/demo
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 tests
