@@ -121,6 +121,7 @@ class LoRAMethod:
         self.steps = 0  # optimizer steps seen
         self.method_steps = 0  # steps on which the method was applied
         self._last: dict[str, torch.Tensor] = {}  # device tensors from the last applied step
+        self._last_names: list[str] = []  # the layers those tensors describe
 
     # ------------------------------------------------------------------ wiring
     def attach(self, optimizer) -> LoRAMethod:
