@@ -165,6 +165,15 @@ def forward_backward(model, loss_fn, batch):
     return loss.detach()
 
 
+def observed_step(method, opt, model, loss_fn, batch) -> tuple[dict, dict]:
+    """One optimizer step on fresh gradients; :func:`snapshot` right before ``opt.step()`` and after it."""
+    opt.zero_grad()
+    forward_backward(model, loss_fn, batch)
+    before = snapshot(method, opt)
+    opt.step()
+    return before, snapshot(method, opt)
+
+
 def tiny_mlp_two_adapters(dtype=torch.float64, seed=0):
     """Two trainable adapters on layer "0" (ranks 2 and 1) and rank 3 on layer "2" via ``rank_pattern``."""
     model = tiny_mlp(dtype, r=2, rank_pattern={"2": 3}, seed=seed)

@@ -16,10 +16,9 @@ from conftest import (
     MODEL_KINDS,
     OPTIMIZERS,
     build,
-    forward_backward,
     make_optimizer,
+    observed_step,
     reference_optimizer_step,
-    snapshot,
     train_steps,
 )
 from hypothesis import given, settings
@@ -55,11 +54,7 @@ def test_one_step_matches_reference(kind, opt_name, scalar):
     opt = make_optimizer(opt_name, model)
     method = optlora.RefLoRA(model, scalar=scalar, warmup_steps=1).attach(opt)
     train_steps(model, opt, loss_fn, batch, 1)  # warm-up step: plain, fills Adam's moments
-    opt.zero_grad()
-    forward_backward(model, loss_fn, batch)
-    before = snapshot(method, opt)
-    opt.step()
-    after = snapshot(method, opt)
+    before, after = observed_step(method, opt, model, loss_fn, batch)
     assert method.method_steps == 1 and method.stats()["last_skipped_layers"] == []
     for name, d in before.items():
         A1, B1, stA, stB = reflora_reference(d, opt_name, scalar)
@@ -77,11 +72,7 @@ def test_reflora_s_amsgrad_max_moment_is_rescaled():
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01, amsgrad=True)
     method = optlora.RefLoRA(model, scalar=True, warmup_steps=1).attach(opt)
     train_steps(model, opt, loss_fn, batch, 1)
-    opt.zero_grad()
-    forward_backward(model, loss_fn, batch)
-    before = snapshot(method, opt)
-    opt.step()
-    after = snapshot(method, opt)
+    before, after = observed_step(method, opt, model, loss_fn, batch)
     for name, d in before.items():
         P = np.sqrt(ref.reflora_s_scale(d["A"].T, d["B"]))
         stA = ref.transfer(d["stA"], col=np.full(d["A"].shape[1], 1 / P))

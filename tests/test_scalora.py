@@ -23,6 +23,7 @@ from conftest import (
     lora_params,
     make_optimizer,
     np64,
+    observed_step,
     reference_optimizer_step,
     snapshot,
     tiny_mlp,
@@ -64,11 +65,7 @@ def test_one_step_matches_reference(kind, opt_name, interval):
     method = optlora.ScaLoRA(model, warmup_steps=1, interval=interval, kappa=KAPPA).attach(opt)
     assert method.name == ("scalora" if interval == 1 else "scalora_i")
     train_steps(model, opt, loss_fn, batch, 1)
-    opt.zero_grad()
-    forward_backward(model, loss_fn, batch)
-    before = snapshot(method, opt)
-    opt.step()
-    after = snapshot(method, opt)
+    before, after = observed_step(method, opt, model, loss_fn, batch)
     assert method.method_steps == 1
     merged = {}  # several adapters of one layer all merge into its base weight
     for name, d in before.items():
@@ -86,11 +83,7 @@ def test_one_step_matches_reference(kind, opt_name, interval):
                 if isinstance(val, np.ndarray):
                     np.testing.assert_allclose(after[name][side][key], val, rtol=1e-8, atol=1e-15, err_msg=key)
     if interval == 3:  # ScaLoRA-I: the next step is plain LoRA, no merge
-        opt.zero_grad()
-        forward_backward(model, loss_fn, batch)
-        before = snapshot(method, opt)
-        opt.step()
-        after = snapshot(method, opt)
+        before, after = observed_step(method, opt, model, loss_fn, batch)
         assert method.method_steps == 1
         for name, d in before.items():
             np.testing.assert_array_equal(after[name]["W"], d["W"])
