@@ -24,7 +24,7 @@ import torch
 
 from .discovery import LoRAFactors, find_lora_factors, unwrap_optimizer
 from .distributed import check_not_sharded
-from .optimizer_state import require_moment_rule, scale_param_state_
+from .optimizer_state import require_moment_rule
 
 _ATTACHED = "_optlora_method"
 _GET = {
@@ -228,31 +228,15 @@ class LoRAMethod:
         return torch.isfinite(sums).all(0)
 
     # ------------------------------------------------------------------ shared rescale
-    def _rescale_(self, f: LoRAFactors, alpha: torch.Tensor, beta: torch.Tensor) -> None:
-        """``A~ = A diag(alpha)``, ``B~ = B diag(beta)`` at the same full weight, in PEFT layout.
-
-        ``lora_A`` rows scale by ``alpha`` and its gradient/moments by ``beta``; ``lora_B``
-        columns scale by ``beta`` and its gradient/moments by ``alpha`` (chain rule).
-        """
-        A, B = f.lora_A, f.lora_B
-        a_row, b_col = alpha[:, None], beta[None, :]
-        b_row, a_col = beta[:, None], alpha[None, :]
-        # scales stay in float32 (or better): in-place ops compute in the promoted dtype and round
-        # once into bf16/fp16 storage, instead of multiplying by a rounded scale
-        for t, sc in ((A, a_row), (B, b_col), (A.grad, b_row), (B.grad, a_col)):
-            t.mul_(sc.to(torch.promote_types(t.dtype, torch.float32)))
-        if self._rule is not None and self.optimizer is not None:
-            scale_param_state_(self.optimizer, self._rule, A, b_row)
-            scale_param_state_(self.optimizer, self._rule, B, a_col)
-
     def _rescale_group_(self, group: LayerGroup, alpha: torch.Tensor, beta: torch.Tensor) -> None:
-        """:meth:`_rescale_` for a whole group at once: ``alpha``, ``beta`` are (L, r).
+        """``A~ = A diag(alpha)``, ``B~ = B diag(beta)`` for a whole group at the same full weight (PEFT layout).
 
-        Same arithmetic as ``_rescale_`` (scales in float32 or better, squared there for second
-        moments, one rounding into half-precision storage), but as one ``torch._foreach_mul_``
-        over every factor, gradient and moment of the group instead of about ten small kernels
-        per layer. On CUDA the scales are materialised to full shape so that the multi-tensor
-        fast path applies (for float32 tensors; half-precision ones take foreach's per-tensor path).
+        ``alpha``, ``beta`` are (L, r). ``lora_A`` rows scale by ``alpha`` and its gradient/moments by
+        ``beta``; ``lora_B`` columns scale by ``beta`` and its gradient/moments by ``alpha`` (chain rule;
+        second moments by the square). Scales stay in float32 or better, so half-precision storage is
+        rounded once. One ``torch._foreach_mul_`` covers every factor, gradient and moment of the group;
+        on CUDA the scales are materialised to full shape so that the multi-tensor fast path applies
+        (for float32 tensors; half-precision ones take foreach's per-tensor path).
         """
         cast: dict[tuple, torch.Tensor] = {}
         first = group.factors[0]

@@ -3,7 +3,7 @@
 * one due optimizer step of every method on tiny float64 models (Llama: several same-shape
   layer groups; GPT-2: ``fan_in_fan_out``) vs ``bench/parity.py``'s per-layer reference
   written from the spec (``tests/reference.py``) followed by a textbook AdamW step;
-* the group-wise ``foreach`` rescale equals the per-layer ``_rescale_`` bit for bit;
+* the group-wise ``foreach`` rescale equals a plain per-layer rescale (``_rescale_one_``) bit for bit;
 * the in-place bfloat16 stochastic rounding used by the merge equals ``stochastic_round``;
 * the cheaper finiteness checks still catch a single non-finite entry in one layer.
 """
@@ -25,6 +25,7 @@ import parity  # noqa: E402
 import optlora  # noqa: E402
 from optlora import merge  # noqa: E402
 from optlora.method import group_factors  # noqa: E402
+from optlora.optimizer_state import scale_param_state_  # noqa: E402
 
 TINY = models.ModelSpec("llama", hidden=48, intermediate=96, heads=4, kv_heads=2, layers=2, vocab=64)
 TOL = 1e-10  # float64 end to end: the two paths differ only by round-off
@@ -82,6 +83,15 @@ def test_scalora_scalar_mode_step_matches_reference(kappa):
     assert _due_step_error("scalora", model, batch, mode="scalar", kappa=kappa) < TOL
 
 
+def _rescale_one_(method, f, alpha, beta):
+    """Per-layer oracle for ``_rescale_group_``: one ``mul_`` per tensor, scales in float32 or better."""
+    A, B = f.lora_A, f.lora_B
+    for t, sc in ((A, alpha[:, None]), (B, beta[None, :]), (A.grad, beta[:, None]), (B.grad, alpha[None, :])):
+        t.mul_(sc.to(torch.promote_types(t.dtype, torch.float32)))
+    scale_param_state_(method.optimizer, method._rule, A, beta[:, None])
+    scale_param_state_(method.optimizer, method._rule, B, alpha[None, :])
+
+
 def _with_state(model, dtype):
     opt = torch.optim.AdamW(models.lora_parameters(model), lr=1e-3)
     batch = models.make_batch(TINY, 2, 8, "cpu")
@@ -108,7 +118,7 @@ def test_group_rescale_equals_per_layer_rescale(dtype, full):
         beta = 0.5 + torch.rand(L, r, generator=g, dtype=torch.float64)
         with torch.no_grad():  # as in the optimizer pre-hook
             for i, f in enumerate(ref_g.factors):
-                ref_m._rescale_(f, alpha[i], beta[i])
+                _rescale_one_(ref_m, f, alpha[i], beta[i])
             fast_m._rescale_group_(fast_g, alpha, beta)
     for fr, ff in zip(ref_m.factors, fast_m.factors):
         for a, b in ((fr.lora_A, ff.lora_A), (fr.lora_B, ff.lora_B), (fr.lora_A.grad, ff.lora_A.grad)):
