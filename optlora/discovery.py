@@ -110,13 +110,10 @@ def find_lora_factors(
     lora_layer, linear_cls = _lora_classes()
     found, problems = [], []
     for path, module in model.named_modules():
-        if not isinstance(module, lora_layer):
-            continue
+        if not isinstance(module, lora_layer) or not any(p.requires_grad for p in module.parameters()):
+            continue  # not LoRA, or nothing in it is trained
         adapters = list(getattr(module, "lora_A", {}).keys()) + list(getattr(module, "lora_embedding_A", {}).keys())
         for adapter in adapters:
-            params = [p for p in module.parameters() if p.requires_grad]
-            if not params:
-                continue
             name = f"{path}[{adapter}]"
             reason = _unsupported_reason(module, adapter, linear_cls)
             f = LoRAFactors(name, module, adapter)
