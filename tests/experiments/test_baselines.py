@@ -17,13 +17,14 @@ def _batch(tok, n=8, seed=0):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (n,), generator=g)}
 
 
-def _train(setup, tok, steps):
+def _train(setup, tok, steps, lr=1e-2):
     losses = []
+    opt = setup.loop_optimizer(lr)
     for s in range(steps):
         loss = setup.model(**_batch(tok, seed=s)).loss
         loss.backward()
-        setup.optimizer.step()
-        setup.optimizer.zero_grad(set_to_none=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
     return losses
 
@@ -48,8 +49,12 @@ def test_every_method_trains(name):
         assert setup.method is None
     if name == "full":
         assert setup.trainable_params == sum(p.numel() for p in model.parameters())
-    if name in ("lora", "dora", "pissa"):
+    if name in ("lora", "lora_r32", "dora", "pissa"):
         assert any("lora_" in n for n in moved) and all("lora_" in n or "classifier" in n for n in moved)
+    if name == "lora_r32":
+        assert setup.info["rank"] == 32 and setup.info["alpha"] == 2 * 32  # alpha / r = 2 as at rank 2
+    if name == "galore":
+        assert setup.training_args["optim"] == "galore_adamw" and "rank=2" in setup.training_args["optim_args"]
 
 
 def test_loraplus_uses_larger_lr_for_b():
@@ -57,6 +62,7 @@ def test_loraplus_uses_larger_lr_for_b():
     setup = baselines.build("loraplus", tiny_classifier(tok, hidden=16, layers=1), task_type="SEQ_CLS", lr=1e-3, rank=2)
     lrs = {g["lr"] for g in setup.optimizer.param_groups if g["params"]}
     assert 1e-3 in lrs and 16e-3 in lrs
+    assert setup.loop_optimizer(1e-3) is setup.optimizer  # the Trainer gets it through optimizers=(opt, None)
 
 
 def test_build_rejects_bad_input():

@@ -10,6 +10,7 @@ import pytest
 
 from optlora import cli
 from optlora.experiments import mf
+from optlora.experiments import results as res
 
 
 def _subparsers(parser):
@@ -155,5 +156,24 @@ def test_demo_runs_mf_and_skips_a_missing_finetune(tmp_path, monkeypatch, capsys
     assert "reflora" in printed and "diverged" not in printed  # 4 steps: nobody has diverged yet
     for name in ("results.json", "lr_0.01/results.json", "lr_0.03/results.json", "summary.csv", "loss.png"):
         assert (out / "mf" / name).stat().st_size > 0
-    assert not (out / "sst2").exists()
+    assert not (out / "gsm8k_div").exists()
     assert cli.main(["demo", "--mf-steps", "0"]) == 2
+
+
+def test_demo_fine_tunes_on_the_embedded_sample_of_a_fresh_clone(no_shared, tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--quick", "--mf-steps", "2", "--ft-steps", "2", "--eval-samples", "8", "--model", "tiny"]
+    assert cli.main([*argv, "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "sample/gsm8k/train.jsonl.gz" in printed and "majority baseline" in printed
+    rec = res.read_json(out / "gsm8k_div" / "gsm8k_div_scalora_lr0.002_seed0.json")
+    assert rec["final"]["test_examples"] == 8 and rec["config"]["data"]["train_examples"] == 32
+    assert (out / "gsm8k_div" / "plots" / "loss_vs_step.png").is_file()
+
+
+def test_demo_without_data_is_a_clear_error(no_shared, tmp_path, capsys):
+    code = cli.main(
+        ["demo", "--mf-steps", "2", "--task", "sst2", "--model", "tiny", "--out", str(tmp_path), "--no-progress"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("optlora demo: error: no GLUE-format data") and "Traceback" not in err

@@ -1,130 +1,145 @@
-"""``optlora finetune`` end to end on tiny models and fixture data: files, keys, lr selection, CLI."""
+"""``optlora finetune`` end to end on tiny models and fixture data: lr grid on held-out train, seeds, files, CLI."""
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
-import random
 
 import pytest
 
+from optlora import cli
 from optlora.experiments import finetune, results
 
-
-@pytest.fixture
-def data_dir(tmp_path):
-    """A tiny SST-2 (learnable: the label is in the word) and GSM8K (single-digit sums) in the real layout."""
-    rng = random.Random(0)
-    sst = tmp_path / "data" / "glue" / "SST-2"
-    sst.mkdir(parents=True)
-    for split, n in (("train", 64), ("dev", 16)):
-        rows = ["sentence\tlabel"]
-        for _ in range(n):
-            y = rng.randint(0, 1)
-            rows.append(f"a {'good' if y else 'bad'} film\t{y}")
-        (sst / f"{split}.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    gsm = tmp_path / "data" / "gsm8k"
-    gsm.mkdir()
-    for split, n in (("train", 16), ("test", 4)):
-        lines = []
-        for _ in range(n):
-            a, b = rng.randint(1, 9), rng.randint(1, 9)
-            lines.append(json.dumps({"question": f"{a}+{b}?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"}))
-        (gsm / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return tmp_path / "data"
+TINY = dict(model="tiny", steps=4, batch_size=8, progress=False, method_warmup=1, eval_batch_size=8, plots=False)
 
 
-TINY = dict(model="tiny", steps=4, batch_size=8, max_len=24, progress=False, method_warmup=1)
+def _csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
 
 
-def test_sst2_writes_runs_and_selects_lr(data_dir, tmp_path):
+def test_glue_lr_grid_on_held_out_train_then_seeds(data_root, tmp_path):
     out = tmp_path / "out"
     recs = finetune.run_finetune(
-        "sst2", ["lora", "scalora"], out_dir=out, seeds=[0, 1], lrs=[1e-3, 1e-2], data_dir=data_dir,
-        telemetry_every=2, **TINY,
+        "sst2", ["lora", "scalora"], out_dir=out, seeds=[0, 1], lrs=[1e-3, 3e-2], data_dir=data_root,
+        telemetry_every=2, holdout_frac=0.25, **{**TINY, "plots": True},
     )  # fmt: skip
-    # grid on seed 0 (2 lrs) + seed 1 at the selected lr, per method
-    assert len(recs) == 6 and len(list(out.glob("sst2_*.json"))) == 6
-    for rec in recs:
-        on_disk = results.read_json(out / f"sst2_{rec['method']}_lr{rec['config']['lr']:g}_seed{rec['seed']}.json")
-        results.validate_run(on_disk)
-        assert set(results.RUN_KEYS) <= set(on_disk)
-        assert [s["step"] for s in on_disk["steps"]] == [1, 2, 3, 4]
-        assert {"accuracy", "eval_loss", "ms_per_step", "peak_memory_mb"} <= set(on_disk["final"])
-        assert 0.0 <= on_disk["final"]["accuracy"] <= 1.0
-        assert on_disk["config"]["selected_lr"] in (1e-3, 1e-2)
-        ranked = [s for s in on_disk["steps"] if "rank_mean" in s]
-        assert [s["step"] for s in ranked] == [2, 4]
+    assert len(recs) == 6 and len(list(out.glob("sst2_*.json"))) == 6  # 2 lrs x seed 0 + seed 1 at the chosen lr
     for method in ("lora", "scalora"):
         grid = [r for r in recs if r["method"] == method and r["seed"] == 0]
-        best = max(grid, key=lambda r: r["final"]["accuracy"])["config"]["lr"]
-        (second,) = [r for r in recs if r["method"] == method and r["seed"] == 1]
-        assert second["config"]["lr"] == best
+        assert all("selection_score" in r["final"] and r["final"]["holdout_examples"] == 12 for r in grid)
+        best = max(grid, key=lambda r: r["final"]["selection_score"])["config"]["lr"]  # held out, not dev
+        (other,) = [r for r in recs if r["method"] == method and r["seed"] == 1]
+        assert other["config"]["lr"] == best and "selection_score" not in other["final"]
+    for rec in recs:
+        disk = results.read_json(out / f"sst2_{rec['method']}_lr{rec['config']['lr']:g}_seed{rec['seed']}.json")
+        results.validate_run(disk)
+        assert [s["step"] for s in disk["steps"]] == [1, 2, 3, 4]
+        assert all({"loss", "lr", "step_ms", "cpu_ms", "wall_time"} <= set(s) for s in disk["steps"])
+        assert [s["step"] for s in disk["steps"] if "rank_mean" in s] == [2, 4]
+        fin = disk["final"]
+        assert fin["score"] == fin["accuracy"] == fin["dev_accuracy"] and 0 <= fin["score"] <= 1
+        assert fin["dev_examples"] == 16 and fin["majority_baseline"] == fin["dev_majority"]
+        assert fin["ms_per_step"] > 0 and fin["cpu_ms_per_step"] > 0 and fin["peak_memory_mb"] > 0
+        assert disk["config"]["data"]["train_examples"] == 36 and disk["config"]["selected_lr"] in (1e-3, 3e-2)
     scal = [r for r in recs if r["method"] == "scalora"]
-    assert all("column_fraction" in s for r in scal for s in r["steps"][1:])
-    with open(out / "summary.csv", newline="") as fh:
-        assert len(list(csv.DictReader(fh))) == 6
-    with open(out / "aggregate.csv", newline="") as fh:
-        agg = list(csv.DictReader(fh))
-    assert sorted(r["method"] for r in agg) == ["lora", "scalora"]
-    assert all(r["seeds"] == "2" and float(r["accuracy_std"]) >= 0 for r in agg)
+    assert all("column_fraction" in s and "skipped_fraction" in s for r in scal for s in r["steps"][1:])
+    assert len(_csv(out / "summary.csv")) == 6
+    agg = {r["method"]: r for r in _csv(out / "aggregate.csv")}
+    assert agg["lora"]["seeds"] == agg["scalora"]["seeds"] == "2"
+    assert agg["scalora"]["vs_lora_pairs"] == "2" and agg["scalora"]["reached_lora_loss"].endswith("/2")
     assert (out / "plots" / "loss_vs_step.png").is_file() and (out / "plots" / "scalora.png").is_file()
+    assert not (out / "checkpoints").exists()
 
 
-def test_gsm8k_reports_loss_and_exact_match(data_dir, tmp_path):
+def test_methods_share_init_data_order_and_schedule_until_the_method_starts(data_root, tmp_path):
     recs = finetune.run_finetune(
-        "gsm8k", ["reflora"], out_dir=tmp_path / "g", data_dir=data_dir, eval_samples=2, eval_loss_samples=4,
-        gen_tokens=4, **{**TINY, "max_len": 40},
+        "sst2", ["lora", "reflora", "scalora"], out_dir=tmp_path, data_dir=data_root, holdout_frac=0.0,
+        telemetry_every=0, **{**TINY, "method_warmup": 3},
     )  # fmt: skip
-    final = recs[0]["final"]
-    assert final["eval_loss"] > 0 and final["exact_match"] in (0.0, 0.5, 1.0)
-    assert recs[0]["config"]["task"] == "gsm8k"
+    losses = {r["method"]: [s["loss"] for s in r["steps"]] for r in recs}
+    assert losses["lora"][:4] == losses["reflora"][:4] == losses["scalora"][:4]  # plain steps 1-3, bit for bit
+    lrs = [s["lr"] for s in recs[0]["steps"]]
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(1e-3) and lrs[1] > lrs[2] > lrs[3] > 0  # 6% warm-up, linear decay
 
 
-def test_bad_arguments(data_dir, tmp_path):
-    with pytest.raises(ValueError, match="unknown method"):
-        finetune.run_finetune("sst2", ["lora", "sgd"], out_dir=tmp_path, data_dir=data_dir, **TINY)
-    with pytest.raises(ValueError, match="task"):
-        finetune.run_finetune("mnli", ["lora"], out_dir=tmp_path, data_dir=data_dir, **TINY)
-    with pytest.raises(ValueError, match="unknown option"):
-        finetune.run_finetune("sst2", ["lora"], out_dir=tmp_path, data_dir=data_dir, learning_rate=1, **TINY)
+def test_regression_and_every_baseline_through_the_trainer(data_root, tmp_path):
+    from optlora.experiments.baselines import galore_unavailable
+
+    methods = ["lora_r32", "loraplus", "dora", "pissa", "full"] + ([] if galore_unavailable() else ["galore"])
+    recs = finetune.run_finetune("stsb", methods, out_dir=tmp_path, data_dir=data_root, holdout_frac=0.0,
+                                 full_lrs=[1e-4], telemetry_every=0, **{**TINY, "steps": 2})  # fmt: skip
+    by = {r["method"]: r for r in recs}
+    assert set(by) == set(methods)
+    for r in recs:
+        fin = r["final"]
+        assert r["config"]["kind"] == "regression" and fin["score"] == fin["pearson"]
+        assert "spearman" in fin and all(s["loss"] == s["loss"] for s in r["steps"])  # finite
+    assert by["lora_r32"]["config"]["method_info"]["rank"] == 32
+    assert by["lora_r32"]["final"]["trainable_params"] > 3 * by["dora"]["final"]["trainable_params"] // 2
+    assert by["full"]["final"]["trainable_params"] > by["lora_r32"]["final"]["trainable_params"]
+    if "galore" in by:
+        assert by["galore"]["config"]["method_info"]["galore_params"] > 0
 
 
-def test_parser_help_and_cli(data_dir, tmp_path):
-    parser = argparse.ArgumentParser()
-    sub = finetune.add_parser(parser.add_subparsers(dest="command"))
-    assert all(a.help for a in sub._actions), "every option needs help text"
-    argv = ["finetune", "--model", "tiny", "--data-dir", str(data_dir), "--methods", "lora", "--steps", "2",
-            "--batch-size", "4", "--max-len", "16", "--out", str(tmp_path / "cli"), "--no-progress", "--threads", "1"]  # fmt: skip
-    args = parser.parse_args(argv)
-    assert args.func(args) == 0
-    assert (tmp_path / "cli" / "sst2_lora_lr0.001_seed0.json").is_file()
-    assert (tmp_path / "cli" / "aggregate.csv").is_file()
+def test_generation_tasks_score_answers(data_root, tmp_path):
+    cfg = {**TINY, "steps": 2, "batch_size": 4, "max_len": 512, "gen_tokens": 4, "eval_samples": 2, "holdout_frac": 0.0}
+    recs = finetune.run_finetune("commonsense", ["reflora"], out_dir=tmp_path / "c", data_dir=data_root,
+                                 train_sets=["boolq"], eval_sets=["boolq", "piqa"], **cfg)  # fmt: skip
+    fin = recs[0]["final"]
+    assert fin["boolq_examples"] == fin["piqa_examples"] == 2 and fin["boolq_total"] == 6
+    assert 0 <= fin["boolq_accuracy"] <= 1 and fin["boolq_loss"] > 0
+    assert fin["score"] == pytest.approx((fin["boolq_accuracy"] + fin["piqa_accuracy"]) / 2)
+    assert set(recs[0]["sample_outputs"]) == {"boolq", "piqa"}
+    g = finetune.run_finetune("gsm8k", ["lora"], out_dir=tmp_path / "g", data_dir=data_root, lrs=[1e-3, 1e-2],
+                              **{**cfg, "holdout_frac": 0.25, "gen_samples": 1})  # fmt: skip
+    assert all(r["final"]["selection_score"] == -r["final"]["holdout_loss"] for r in g)  # answer loss held out
+    assert g[0]["final"]["gsm8k_gen_examples"] == 1 and g[0]["config"]["kind"] == "generation"
 
 
-def test_select_lrs_uses_grid_seed_only():
-    def rec(method, lr, seed, acc):
-        return {"method": method, "seed": seed, "config": {"lr": lr}, "final": {"accuracy": acc}}
-
-    recs = [rec("lora", 1e-3, 0, 0.8), rec("lora", 1e-2, 0, 0.7), rec("lora", 1e-3, 1, 0.5), rec("full", 1e-4, 0, 0.9)]
-    recs.append(rec("full", 1e-5, 0, float("nan")))  # a diverged run never wins
-    assert finetune.select_lrs("sst2", recs) == {"lora": 1e-3, "full": 1e-4}
-    rows = finetune.aggregate("sst2", [r for r in recs if r["config"]["lr"] in (1e-3, 1e-4)])
-    lora = next(r for r in rows if r["method"] == "lora")
-    assert lora["seeds"] == 2 and lora["accuracy_mean"] == pytest.approx(0.65)
-    assert lora["accuracy_std"] == pytest.approx(((0.15**2) * 2) ** 0.5)  # sample std of (0.8, 0.5)
-
-
-def test_resume_reuses_matching_runs_only(data_dir, tmp_path):
-    out = tmp_path / "r"
-    first = finetune.run_finetune("sst2", ["lora"], out_dir=out, data_dir=data_dir, **TINY)
-    f = out / "sst2_lora_lr0.001_seed0.json"
+def test_resume_reuses_matching_runs_only(data_root, tmp_path):
+    kw = dict(out_dir=tmp_path, data_dir=data_root, holdout_frac=0.0, telemetry_every=0, **TINY)
+    first = finetune.run_finetune("sst2", ["lora"], **kw)
+    f = tmp_path / "sst2_lora_lr0.001_seed0.json"
     stamp = f.read_text()
-    again = finetune.run_finetune("sst2", ["lora"], out_dir=out, data_dir=data_dir, resume=True, **TINY)
-    assert again[0]["steps"] == first[0]["steps"] and again[0]["environment"] == first[0]["environment"]
-    assert f.read_text() == stamp  # reused, not retrained
-    changed = finetune.run_finetune(
-        "sst2", ["lora"], out_dir=out, data_dir=data_dir, resume=True, **{**TINY, "steps": 3}
-    )
+    again = finetune.run_finetune("sst2", ["lora"], resume=True, **kw)
+    assert again[0]["steps"] == first[0]["steps"] and f.read_text() == stamp  # reused, not retrained
+    changed = finetune.run_finetune("sst2", ["lora"], resume=True, **{**kw, "steps": 3})
     assert len(changed[0]["steps"]) == 3
+
+
+def test_bad_arguments(data_root, tmp_path):
+    with pytest.raises(ValueError, match="unknown method"):
+        finetune.run_finetune("sst2", ["lora", "sgd"], out_dir=tmp_path, data_dir=data_root, **TINY)
+    with pytest.raises(ValueError, match="unknown option"):
+        finetune.run_finetune("sst2", ["lora"], out_dir=tmp_path, data_dir=data_root, learning_rate=1, **TINY)
+    with pytest.raises(ValueError, match="held-out part"):
+        finetune.run_finetune("sst2", ["lora"], out_dir=tmp_path, data_dir=data_root, lrs=[1, 2], holdout_frac=0.0)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data-dir", "{tmp}/nope"], "does not exist"),
+        (["--data-dir", "{tmp}"], "no GLUE-format data for 'sst2'"),
+        (["--task", "nosuch", "--data-dir", "{data}"], "unknown task 'nosuch'"),
+        (["--data-dir", "{data}", "--lrs", "1e-3", "1e-2", "--holdout-frac", "0"], "held-out part"),
+        (["--data-dir", "{data}", "--model", "{tmp}/no-model"], "cannot load model"),
+    ],
+)
+def test_cli_errors_are_one_sentence_and_exit_2(data_root, tmp_path, capsys, argv, message):
+    argv = [a.format(tmp=tmp_path, data=data_root) for a in argv]
+    code = cli.main(["finetune", "--methods", "lora", "--out", str(tmp_path / "o"), "--no-progress", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert err.startswith("optlora finetune: error: ") and err.count("\n") == 1
+
+
+def test_cli_end_to_end_with_a_config_file(data_root, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"task: mrpc\nmethods: [lora]\nmodel: tiny\nsteps: 2\nbatch_size: 4\ndata_dir: {data_root}\n")
+    code = cli.main(
+        ["finetune", "--config", str(cfg), "--out", str(tmp_path / "cli"), "--no-progress", "--threads", "1"]
+    )
+    assert code == 0
+    rec = results.read_json(tmp_path / "cli" / "mrpc_lora_lr0.001_seed0.json")
+    assert {"f1", "accuracy"} <= set(rec["final"]) and rec["config"]["threads"] == 1

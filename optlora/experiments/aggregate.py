@@ -1,0 +1,181 @@
+"""From run records to the comparison: lr selection, mean +- std, paired tests, convergence, table.
+
+* :func:`select_lrs` -- per method, the lr whose grid run (first seed) scored best on the part
+  held out from train (``final["selection_score"]``: the primary metric, or minus the answer loss
+  for generation). Dev / test scores are never looked at.
+* :func:`aggregate` -- per method at its selected lr: mean and sample std over seeds of every
+  numeric final metric; a paired comparison with LoRA on ``score`` over the seeds both have
+  (mean difference, ``scipy.stats.ttest_rel`` and ``wilcoxon`` p-values); and the convergence
+  metric of :func:`convergence`.
+* :func:`convergence` -- the first step (and wall-clock second) at which a run's smoothed
+  training loss (trailing mean over ``window`` steps) reaches LoRA's final smoothed training
+  loss on the same seed.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+from . import results
+from .metrics import paired_tests
+
+REFERENCE = "lora"
+_SKIP = ("_examples", "_total", "_gen_examples", "resumed_from_step", "diverged_at_step", "selection_score")
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def select_lrs(records: list[dict]) -> dict[str, float]:
+    """Best lr per method on the held-out part of train, judged on each method's first (smallest) seed."""
+    best: dict[str, float] = {}
+    for method in dict.fromkeys(r["method"] for r in records):
+        rs = [r for r in records if r["method"] == method]
+        seed0 = min(r["seed"] for r in rs)
+        grid = [r for r in rs if r["seed"] == seed0]
+
+        def key(r):
+            v = r["final"].get("selection_score")
+            return v if _finite(v) else -math.inf
+
+        best[method] = max(grid, key=key)["config"]["lr"] if len(grid) > 1 else grid[0]["config"]["lr"]
+    return best
+
+
+def smoothed(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last ``window`` values (fewer at the start)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def default_window(n_steps: int) -> int:
+    return max(5, n_steps // 20)
+
+
+def convergence(run: dict, reference: dict, window: int | None = None) -> tuple[int | None, float | None]:
+    """``(step, seconds)`` at which ``run``'s smoothed loss first reaches ``reference``'s final smoothed loss."""
+    ref = [s["loss"] for s in reference["steps"]]
+    if not ref or not all(map(math.isfinite, ref)):
+        return None, None
+    w = window or default_window(len(ref))
+    target = smoothed(ref, w)[-1]
+    steps = [s for s in run["steps"] if _finite(s.get("loss"))]
+    for s, v in zip(steps, smoothed([s["loss"] for s in steps], w)):
+        if v <= target:
+            return s["step"], s["wall_time"]
+    return None, None
+
+
+def aggregate(records: list[dict], window: int | None = None) -> list[dict]:
+    """One row per method (records already restricted to each method's selected lr)."""
+    by_method: dict[str, list[dict]] = {}
+    for r in records:
+        by_method.setdefault(r["method"], []).append(r)
+    ref = {r["seed"]: r for r in by_method.get(REFERENCE, [])}
+    rows = []
+    for method, rs in by_method.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        row = {"task": rs[0]["config"].get("task"), "method": method, "lr": rs[0]["config"]["lr"], "seeds": len(rs)}
+        keys = [k for k in dict.fromkeys(k for r in rs for k in r["final"]) if not k.endswith(_SKIP)]
+        keys = [k for k in keys if not k.startswith("holdout_")]  # lr-selection data: seen by the grid seed only
+        for k in keys:
+            vals = [r["final"][k] for r in rs if _finite(r["final"].get(k))]
+            if vals:
+                row[f"{k}_mean"] = statistics.mean(vals)
+                row[f"{k}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        for key, v in rs[0]["final"].items():  # how much of each evaluation set was scored
+            if key.endswith(("_examples", "_total")):
+                row[key] = v
+        if ref and method != REFERENCE:
+            seeds = [r["seed"] for r in rs if r["seed"] in ref]
+            mine = {r["seed"]: r for r in rs}
+            test = paired_tests(
+                [mine[s]["final"].get("score") for s in seeds], [ref[s]["final"].get("score") for s in seeds]
+            )
+            row.update({f"vs_lora_{k}": v for k, v in test.items()})
+        if ref:
+            hits = [convergence(r, ref[r["seed"]], window) for r in rs if r["seed"] in ref]
+            reached = [h for h in hits if h[0] is not None]
+            row["reached_lora_loss"] = f"{len(reached)}/{len(hits)}"
+            row["steps_to_lora_loss_mean"] = statistics.mean(h[0] for h in reached) if reached else None
+            row["seconds_to_lora_loss_mean"] = statistics.mean(h[1] for h in reached) if reached else None
+        rows.append(row)
+    return rows
+
+
+def _pm(row: dict, key: str, digits: int = 4) -> str:
+    m, s = row.get(f"{key}_mean"), row.get(f"{key}_std")
+    return "n/a" if m is None else f"{m:.{digits}f} +- {s:.{digits}f}"
+
+
+def format_table(rows: list[dict], metric: str = "score") -> str:
+    """Markdown table of :func:`aggregate` rows."""
+    head = ["method", "lr", "seeds", metric, "vs LoRA (p t / p W)", "steps (s) to LoRA loss", "ms/step", "CPU ms/step",
+            "peak MB"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        d = r.get("vs_lora_diff_mean")
+        vs = "-" if d is None else f"{d:+.4f} ({_p(r.get('vs_lora_ttest_p'))} / {_p(r.get('vs_lora_wilcoxon_p'))})"
+        st = r.get("steps_to_lora_loss_mean")
+        conv = "-" if "reached_lora_loss" not in r else (
+            f"{st:.0f} ({r['seconds_to_lora_loss_mean']:.0f} s), {r['reached_lora_loss']}" if st is not None
+            else f"never, {r['reached_lora_loss']}"
+        )  # fmt: skip
+        nums = [f"{r.get(k + '_mean'):.0f}" if r.get(k + "_mean") is not None else "n/a"
+                for k in ("ms_per_step", "cpu_ms_per_step", "peak_memory_mb")]  # fmt: skip
+        lines.append(
+            "| " + " | ".join([r["method"], f"{r['lr']:g}", str(r["seeds"]), _pm(r, metric), vs, conv, *nums]) + " |"
+        )
+    return "\n".join(lines)
+
+
+def _p(v) -> str:
+    return "n/a" if v is None else f"{v:.3g}"
+
+
+def describe_scoring(records: list[dict]) -> str:
+    """What ``score`` is and on how much data, e.g. ``score = accuracy on test (500 of 1319 examples)``."""
+    if not records:
+        return ""
+    r = records[0]
+    cfg, fin = r["config"], r["final"]
+    metric = cfg.get("primary_metric", "score")
+    sets = [k[: -len("_examples")] for k in fin if k.endswith("_examples") and not k.endswith("_gen_examples")]
+    sets = [s for s in sets if s != "holdout"]
+    parts = []
+    for s in sets:
+        part = f"{s} {fin[s + '_examples']} of {fin.get(s + '_total')}"
+        if fin.get(s + "_gen_examples") is not None and fin[s + "_gen_examples"] != fin[s + "_examples"]:
+            part += f" (generation on {fin[s + '_gen_examples']})"
+        parts.append(part)
+    avg = " averaged over the sets" if len(sets) > 1 else ""
+    base = f"; majority baseline {fin['majority_baseline']:.4f}" if _finite(fin.get("majority_baseline")) else ""
+    return f"score = {metric}{avg} on {', '.join(parts)} examples{base}"
+
+
+def summarize(records: list[dict], out_dir: str | Path, window: int | None = None, plots: bool = True) -> list[dict]:
+    """``summary.csv`` (every run), ``aggregate.csv`` (selected lr per method), plots; prints the table."""
+    out = Path(out_dir)
+    results.write_summary_csv(out / "summary.csv", records)
+    best = select_lrs(records)
+    chosen = [r for r in records if r["config"]["lr"] == best[r["method"]]]
+    rows = aggregate(chosen, window)
+    results.write_csv(out / "aggregate.csv", rows)
+    print(describe_scoring(chosen))
+    print(format_table(rows))
+    if plots:
+        try:
+            from .plots import plot_runs
+
+            plot_runs(chosen, out / "plots")
+        except ImportError as exc:  # matplotlib is an optional extra
+            print(f"no plots: {exc}")
+    return rows

@@ -1,0 +1,127 @@
+"""``TrainerCallback``s that record what ``optlora finetune`` reports per step.
+
+* :class:`StepRecorder` -- per optimizer step: training loss, learning rate and gradient norm
+  (from the Trainer's logs, ``logging_steps=1``), wall time and process CPU time of the step
+  (``on_step_begin`` -> ``on_step_end``: forward, backward, clipping, optimizer + method step,
+  scheduler; batch collation happens before ``on_step_begin`` and is not included), seconds since
+  training started, and memory: CUDA ``max_memory_allocated``, or on the CPU the process's peak
+  resident set size sampled after every step (psutil). A non-finite loss stops training.
+* :class:`TelemetryCallback` -- for LoRA-family runs: the numerical rank of the accumulated update
+  every ``every`` steps (:class:`~optlora.experiments.telemetry.UpdateRankTracker`), and on every
+  step the optlora method acted on, ScaLoRA's column-scaling fraction and the fraction of layers
+  the method skipped (``len(method.stats()['last_skipped_layers']) / layers``). It runs after
+  :class:`StepRecorder` in ``on_step_end``, so its cost is outside the step time.
+* :class:`QuietProgress` -- the Trainer's tqdm bar, showing the loss instead of printing every log line.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from .telemetry import column_fraction, rss_mb, trim_memory
+
+
+class StepRecorder(TrainerCallback):
+    """Collects one dict per optimizer step in :attr:`steps` (see the module docstring)."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.steps: list[dict] = []
+        self.rss0 = self.peak_rss = math.nan
+        self.diverged_at: int | None = None
+        self._t_start = self._t0 = self._c0 = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        trim_memory()
+        self.rss0 = self.peak_rss = rss_mb()
+        self._t_start = time.perf_counter()
+        return control
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now, cpu = time.perf_counter(), time.process_time()
+        self.peak_rss = max(self.peak_rss, rss_mb())
+        self.steps.append(
+            {
+                "step": state.global_step,
+                "wall_time": now - self._t_start,
+                "step_ms": 1000 * (now - self._t0),
+                "cpu_ms": 1000 * (cpu - self._c0),
+            }
+        )
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs or not self.steps or self.steps[-1]["step"] != state.global_step:
+            return control
+        entry = self.steps[-1]
+        entry["loss"] = float(logs["loss"])
+        for src, dst in (("learning_rate", "lr"), ("grad_norm", "grad_norm")):
+            if logs.get(src) is not None:
+                entry[dst] = float(logs[src])
+        if not math.isfinite(entry["loss"]) and self.diverged_at is None:
+            self.diverged_at = state.global_step
+            control.should_training_stop = True
+        return control
+
+    def summary(self) -> dict:
+        """``ms_per_step`` / ``cpu_ms_per_step`` (mean over steps 2.., the first pays one-time costs), memory."""
+        timed = self.steps[1:] or self.steps
+        n = max(len(timed), 1)
+        cuda = self.device.type == "cuda"
+        return {
+            "ms_per_step": sum(s["step_ms"] for s in timed) / n if timed else None,
+            "cpu_ms_per_step": sum(s["cpu_ms"] for s in timed) / n if timed else None,
+            "peak_memory_mb": torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else self.peak_rss,
+            "memory_delta_mb": None if cuda else self.peak_rss - self.rss0,
+            "train_wall_s": self.steps[-1]["wall_time"] if self.steps else 0.0,
+            "diverged_at_step": self.diverged_at,
+        }
+
+
+class TelemetryCallback(TrainerCallback):
+    """Adds rank / column-fraction / skipped-fraction entries to the :class:`StepRecorder`'s steps."""
+
+    def __init__(self, recorder: StepRecorder, method=None, tracker=None, every: int = 0):
+        self.recorder, self.method, self.tracker, self.every = recorder, method, tracker, every
+        self._last_method_steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.recorder.steps:
+            return control
+        entry = self.recorder.steps[-1]
+        m = self.method
+        if m is not None and m.method_steps > self._last_method_steps:  # the method acted on this step
+            self._last_method_steps = m.method_steps
+            stats = m.stats()
+            if "last_skipped_layers" in stats:
+                entry["skipped_fraction"] = len(stats["last_skipped_layers"]) / max(1, stats["layers"])
+            cf = column_fraction(m)
+            if cf is not None:
+                entry["column_fraction"] = cf
+        if self.tracker is not None and self.every > 0:
+            if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+                entry.update(self.tracker.summary())
+        return control
+
+
+class QuietProgress(ProgressCallback):
+    """tqdm progress with the latest loss as postfix, instead of one printed line per log."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
