@@ -5,7 +5,9 @@
   (``on_step_begin`` -> ``on_step_end``: forward, backward, clipping, optimizer + method step,
   scheduler; batch collation happens before ``on_step_begin`` and is not included), seconds since
   training started, and memory: CUDA ``max_memory_allocated``, or on the CPU the process's peak
-  resident set size sampled after every step (psutil). A non-finite loss stops training.
+  resident set size sampled after every step (psutil). A non-finite loss stops training. Its
+  records are saved with every Trainer checkpoint (``optlora_steps.json``) and read back when the
+  Trainer resumes from one, so a resumed run keeps the steps before the interruption.
 * :class:`TelemetryCallback` -- for LoRA-family runs: the numerical rank of the accumulated update
   every ``every`` steps (:class:`~optlora.experiments.telemetry.UpdateRankTracker`), and on every
   step the optlora method acted on, ScaLoRA's column-scaling fraction and the fraction of layers
@@ -16,7 +18,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 
 import torch
@@ -24,6 +28,8 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from .telemetry import column_fraction, rss_mb, trim_memory
+
+STEPS_FILE = "optlora_steps.json"
 
 
 class StepRecorder(TrainerCallback):
@@ -42,6 +48,19 @@ class StepRecorder(TrainerCallback):
         trim_memory()
         self.rss0 = self.peak_rss = rss_mb()
         self._t_start = time.perf_counter()
+        saved = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STEPS_FILE)
+        if state.global_step > 0 and os.path.isfile(saved):  # resumed: keep the steps before the checkpoint
+            with open(saved, encoding="utf-8") as fh:
+                self.steps = [s for s in json.load(fh) if s["step"] <= state.global_step]
+            self._t_start -= self.steps[-1]["wall_time"] if self.steps else 0.0
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if getattr(args, "should_save", True):
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, STEPS_FILE), "w", encoding="utf-8") as fh:
+                json.dump(self.steps, fh)
         return control
 
     def on_step_begin(self, args, state, control, **kwargs):

@@ -31,7 +31,7 @@ from . import metrics as M
 from . import results
 from .baselines import LORA_FAMILY, build
 from .callbacks import QuietProgress, StepRecorder, TelemetryCallback
-from .data import TaskData
+from .data import DataError, TaskData
 from .data.encode import collator, encode_causal, encode_classification
 from .models import load_causal_lm, load_classifier
 from .telemetry import UpdateRankTracker
@@ -105,10 +105,10 @@ def prepare(task: TaskData, tokenizer, cfg: dict) -> Prepared:
     seed = cfg["split_seed"]
     tr_idx, ho_idx = split_train(len(task.train), cfg["holdout_frac"], cfg["holdout_max"], cfg["train_samples"], seed)
     if not tr_idx:
-        raise ValueError("no training examples left after the held-out split; lower --holdout-frac")
+        raise DataError("no training examples left after the held-out split; lower --holdout-frac")
     train, dropped = _encode(task, tokenizer, [task.train[i] for i in tr_idx], cfg["max_len"])
     if len(train) == 0:
-        raise ValueError(f"every training prompt is longer than --max-len {cfg['max_len']} tokens; raise --max-len")
+        raise DataError(f"every training prompt is longer than --max-len {cfg['max_len']} tokens; raise --max-len")
     info = {"train_examples": len(train), "train_dropped_too_long": dropped, "train_total": len(task.train)}
     holdout = None
     if ho_idx:

@@ -144,6 +144,10 @@ def load_classifier(name: str, num_labels: int = 2, dtype: torch.dtype = torch.f
     with _clear_errors(name):
         tok = AutoTokenizer.from_pretrained(name)
         model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels, dtype=dtype)
+    if tok.pad_token is None:  # decoder-only models used as classifiers
+        tok.pad_token = tok.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
     if num_labels == 1:
         model.config.problem_type = "regression"
     return model, tok
@@ -166,7 +170,7 @@ def load_causal_lm(name: str, dtype: torch.dtype = torch.float32):
 
 
 def load_tokenizer(name: str, kind: str = "classification"):
-    """The tokenizer of model ``name`` (a causal LM's gets its eos token as pad token when it has none)."""
+    """The tokenizer of model ``name`` (one without a pad token gets its eos token as pad token)."""
     if name == TINY:
         return tiny_tokenizer()
     from transformers import AutoTokenizer
@@ -174,7 +178,7 @@ def load_tokenizer(name: str, kind: str = "classification"):
     name = resolve_model(name)
     with _clear_errors(name):
         tok = AutoTokenizer.from_pretrained(name)
-    if kind == "generation" and tok.pad_token is None:
+    if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 

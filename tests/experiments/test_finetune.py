@@ -8,6 +8,7 @@ import pytest
 
 from optlora import cli
 from optlora.experiments import finetune, results
+from optlora.experiments.callbacks import StepRecorder
 
 TINY = dict(model="tiny", steps=4, batch_size=8, progress=False, method_warmup=1, eval_batch_size=8, plots=False)
 
@@ -105,6 +106,28 @@ def test_resume_reuses_matching_runs_only(data_root, tmp_path):
     assert again[0]["steps"] == first[0]["steps"] and f.read_text() == stamp  # reused, not retrained
     changed = finetune.run_finetune("sst2", ["lora"], resume=True, **{**kw, "steps": 3})
     assert len(changed[0]["steps"]) == 3
+
+
+def test_an_interrupted_run_resumes_from_its_trainer_checkpoint(data_root, tmp_path, monkeypatch):
+    kw = dict(data_dir=data_root, holdout_frac=0.0, telemetry_every=0, save_steps=2, **TINY)
+    whole = finetune.run_finetune("sst2", ["scalora"], out_dir=tmp_path / "whole", **kw)[0]
+    on_step_end = StepRecorder.on_step_end
+
+    def interrupt_at_3(self, args, state, control, **k):
+        if state.global_step == 3:
+            raise KeyboardInterrupt
+        return on_step_end(self, args, state, control, **k)
+
+    monkeypatch.setattr(StepRecorder, "on_step_end", interrupt_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run_finetune("sst2", ["scalora"], out_dir=tmp_path / "cut", **kw)
+    assert (tmp_path / "cut" / "checkpoints" / "sst2_scalora_lr0.001_seed0" / "checkpoint-2").is_dir()
+    monkeypatch.setattr(StepRecorder, "on_step_end", on_step_end)
+    rec = finetune.run_finetune("sst2", ["scalora"], out_dir=tmp_path / "cut", resume=True, **kw)[0]
+    assert rec["final"]["resumed_from_step"] == 2 and [s["step"] for s in rec["steps"]] == [1, 2, 3, 4]
+    # ScaLoRA acts from step 2: steps 3-4 after the resume match the uninterrupted run bit for bit
+    assert [s["loss"] for s in rec["steps"]] == [s["loss"] for s in whole["steps"]]
+    assert not (tmp_path / "cut" / "checkpoints").exists()
 
 
 def test_bad_arguments(data_root, tmp_path):

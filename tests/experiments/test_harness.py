@@ -40,10 +40,11 @@ def _state(step, max_steps=4):
     return types.SimpleNamespace(global_step=step, max_steps=max_steps)
 
 
-def test_step_recorder_and_telemetry_callbacks():
+def test_step_recorder_and_telemetry_callbacks(tmp_path):
     rec = StepRecorder("cpu")
     control = types.SimpleNamespace(should_training_stop=False)
-    rec.on_train_begin(None, _state(0), control)
+    args = types.SimpleNamespace(output_dir=str(tmp_path), should_save=True)
+    rec.on_train_begin(args, _state(0), control)
     calls = []
     method = types.SimpleNamespace(method_steps=0, stats=lambda: {"layers": 4, "last_skipped_layers": ["a"]})
     tracker = types.SimpleNamespace(summary=lambda: calls.append(1) or {"rank_mean": 9.0})
@@ -63,5 +64,9 @@ def test_step_recorder_and_telemetry_callbacks():
     summary = rec.summary()
     assert summary["ms_per_step"] == pytest.approx((s[1]["step_ms"] + s[2]["step_ms"]) / 2)  # step 1 excluded
     assert summary["peak_memory_mb"] >= summary["peak_memory_mb"] - summary["memory_delta_mb"] > 0
+    rec.on_save(args, _state(2), control)  # a checkpoint after step 2 ...
+    again = StepRecorder("cpu")
+    again.on_train_begin(args, _state(2), control)  # ... that a resumed run starts from
+    assert again.steps == [x for x in s if x["step"] <= 2]
     rec.on_log(None, _state(3), control, logs={"loss": math.nan})
     assert control.should_training_stop and rec.summary()["diverged_at_step"] == 3
