@@ -74,7 +74,9 @@ def old_loop(rows, model_name, steps, batch_size, max_len, lr, seed) -> list[flo
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", default="sst2", help="classification task (falls back to gsm8k_div's embedded sample)")
+    p.add_argument(
+        "--task", default="sst2", help="classification task (falls back to gsm8k_match on the embedded sample)"
+    )
     p.add_argument("--model", default=None, help="default: the packaged all-MiniLM-L6-v2")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=16)
@@ -86,8 +88,8 @@ def main(argv=None) -> int:
     try:
         task = load_task(args.task)
     except DataError as exc:
-        print(f"{args.task}: {exc}; using the embedded GSM8K sample (gsm8k_div) instead")
-        task = load_task("gsm8k_div", allow_sample=True)
+        print(f"{args.task}: {exc}; using the embedded GSM8K sample (gsm8k_match) instead")
+        task = load_task("gsm8k_match", allow_sample=True)
     model = args.model or default_model("classification")
     n = args.steps * args.batch_size
     cfg = default_config("classification", task.name)

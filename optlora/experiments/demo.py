@@ -5,11 +5,11 @@
    (well under a minute);
 2. a short fine-tune of the real all-MiniLM-L6-v2, LoRA vs RefLoRA vs ScaLoRA, through
    :func:`optlora.experiments.finetune.run_finetune` (``transformers.Trainer``). The default task,
-   ``gsm8k_div``, asks of a GSM8K word problem whether its reference solution divides (a ``/``
-   in its calculator annotations): GSM8K is MIT-licensed, and a sample of it ships inside the
-   package (``optlora/experiments/sample``), so the demo runs on a fresh clone with nothing
-   beside it. With ``../shared/data`` or ``--data-dir`` it reads the full GSM8K instead (the same
-   training and test examples at the default settings); ``--task`` picks any other task.
+   ``gsm8k_match``, pairs a GSM8K word problem with the first step of a solution and asks whether
+   it is that problem's own (:func:`optlora.experiments.data.adapters.match_rows`). GSM8K is
+   MIT-licensed, and a sample of it ships inside the package (``optlora/experiments/sample``), so
+   the demo runs on a fresh clone with nothing beside it. With ``../shared/data``, ``--data-dir``
+   or the hub it reads the full GSM8K instead; ``--task`` picks any other classification task.
 
 Tables are printed (the fine-tune's next to the majority-class baseline); results and figures go
 to ``--out`` (``mf/`` and ``<task>/``, figures in ``<task>/plots/``).
@@ -26,10 +26,10 @@ from pathlib import Path
 from ..cli import HelpFormatter
 from . import mf
 
-FT_TASK, FT_METHODS = "gsm8k_div", ("lora", "reflora", "scalora")
-FULL = {"mf_steps": mf.FULL_STEPS, "ft_steps": 120, "eval_samples": 500}
-QUICK = {"mf_steps": mf.QUICK_STEPS, "ft_steps": 60, "eval_samples": 200}
-FT_BATCH, FT_MAX_LEN, FT_LR = 16, 96, 2e-3
+FT_TASK, FT_METHODS = "gsm8k_match", ("lora", "reflora", "scalora")
+FULL = {"mf_steps": mf.FULL_STEPS, "ft_steps": 48, "eval_samples": 500}
+QUICK = {"mf_steps": mf.QUICK_STEPS, "ft_steps": 24, "eval_samples": 200}
+FT_BATCH, FT_MAX_LEN, FT_LR = 16, 128, 2e-3
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -69,6 +69,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of both experiments")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of the fine-tune (1 on a busy machine)")
     p.add_argument("--skip-finetune", action="store_true", help="run the matrix factorisation only")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (also off when stderr is not a TTY)")
     p.set_defaults(func=run)
     return p
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = mf.MFConfig(steps=mf_steps, seed=args.seed)
     results = mf.run_mf(cfg, progress=progress)
     print(mf.format_table(mf.summary_rows(results, cfg.target), cfg.target, cfg.steps))
-    mf.write_results(results, out / "mf", cfg)
+    mf.write_results(results, out / "mf", cfg, plots=not args.no_plots)
     print(f"-> {out / 'mf'} ({time.perf_counter() - t0:.0f} s)\n")
 
     if args.skip_finetune:
@@ -140,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
             model=args.model,
             data_dir=args.data_dir,
             progress=progress,
+            plots=not args.no_plots,
         )
     except (DataError, ModelError, finetune.UsageError) as exc:
         print(f"optlora demo: error: {exc}", file=sys.stderr)

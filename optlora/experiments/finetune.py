@@ -47,7 +47,7 @@ from .models import ModelError, default_model, load_tokenizer
 DEFAULT_LRS = {"classification": [1e-3], "regression": [1e-3], "generation": [5e-4]}
 DEFAULT_FULL_LRS = {"classification": [5e-5], "regression": [5e-5], "generation": [2e-5]}
 QUICK = dict(
-    task="gsm8k_div", methods=["lora", "reflora", "scalora"], steps=60, batch_size=16, max_len=96, eval_samples=200
+    task="gsm8k_match", methods=["lora", "reflora", "scalora"], steps=24, batch_size=16, max_len=128, eval_samples=200
 )
 #: options that do not change a run's result (ignored when --resume compares configs)
 _NOT_COMPARED = ("progress", "threads", "data_dir", "save_steps")
@@ -211,7 +211,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     a = p.add_argument
     a("--task", default="sst2", help="GLUE task (sst2, cola, mrpc, stsb, qnli, rte, qqp, mnli, wnli) or GLUE-format "
-      "folder; gsm8k; gsm8k_div; commonsense; math; an LLM-Adapters set (boolq, piqa, AQuA, ...) or folder")  # fmt: skip
+      "folder; gsm8k; gsm8k_match; commonsense; math; an LLM-Adapters set (boolq, piqa, AQuA, ...) or folder")  # fmt: skip
     a("--methods", nargs="+", choices=METHODS, default=None, help="methods to compare (default: all)")
     a("--quick", action="store_true", help="short preset: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     a("--out", default="runs/finetune", help="output folder for JSON/CSV/plots")

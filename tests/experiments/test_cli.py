@@ -156,19 +156,25 @@ def test_demo_runs_mf_and_skips_a_missing_finetune(tmp_path, monkeypatch, capsys
     assert "reflora" in printed and "diverged" not in printed  # 4 steps: nobody has diverged yet
     for name in ("results.json", "lr_0.01/results.json", "lr_0.03/results.json", "summary.csv", "loss.png"):
         assert (out / "mf" / name).stat().st_size > 0
-    assert not (out / "gsm8k_div").exists()
+    assert not (out / "gsm8k_match").exists()
     assert cli.main(["demo", "--mf-steps", "0"]) == 2
 
 
-def test_demo_fine_tunes_on_the_embedded_sample_of_a_fresh_clone(no_shared, tmp_path, capsys):
+@pytest.mark.parametrize("source", ["sample", "data-dir"])
+def test_demo_fine_tunes_offline_on_the_sample_or_a_data_dir(source, no_shared, data_root, tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "--quick", "--mf-steps", "2", "--ft-steps", "2", "--eval-samples", "8", "--model", "tiny"]
-    assert cli.main([*argv, "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+    argv = ["demo", "--quick", "--mf-steps", "2", "--ft-steps", "2", "--eval-samples", "4", "--model", "tiny"]
+    argv += ["--out", str(out), "--no-progress", "--threads", "1"]
+    argv += ["--no-plots"] if source == "data-dir" else []
+    argv += ["--data-dir", str(data_root)] if source == "data-dir" else []
+    assert cli.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "sample/gsm8k/train.jsonl.gz" in printed and "majority baseline" in printed
-    rec = res.read_json(out / "gsm8k_div" / "gsm8k_div_scalora_lr0.002_seed0.json")
-    assert rec["final"]["test_examples"] == 8 and rec["config"]["data"]["train_examples"] == 32
-    assert (out / "gsm8k_div" / "plots" / "loss_vs_step.png").is_file()
+    where = "sample/gsm8k/train.jsonl.gz" if source == "sample" else str(data_root / "gsm8k" / "train.jsonl")
+    assert where in printed and "majority baseline" in printed
+    rec = res.read_json(out / "gsm8k_match" / "gsm8k_match_scalora_lr0.002_seed0.json")
+    assert rec["final"]["test_examples"] == 4  # 2 steps x 16 examples; the fixture has only 24
+    assert rec["config"]["data"]["train_examples"] == (32 if source == "sample" else 24)
+    assert (out / "gsm8k_match" / "plots" / "loss_vs_step.png").is_file() == (source == "sample")
 
 
 def test_demo_without_data_is_a_clear_error(no_shared, tmp_path, capsys):

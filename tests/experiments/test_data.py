@@ -104,18 +104,27 @@ def test_commonsense_math_and_gsm8k(data_root):
     assert [m.evals[s][0]["answer_type"] for s in ("gsm8k", "SVAMP", "AQuA")] == ["number", "number", "letter"]
     g = load_task("gsm8k", data_root)
     assert g.evals["gsm8k"][0]["completion"].endswith(f"#### {g.evals['gsm8k'][0]['answer']}")
-    div = load_task("gsm8k_div", data_root)
-    assert div.kind == "classification" and div.label_names == ["no_division", "division"]
-    assert all((r["label"] == 1) == ("/" in r["text"]) for r in div.train)  # the fixture divides iff it says "/"
+    match = load_task("gsm8k_match", data_root)
+    assert match.kind == "classification" and match.label_names == ["other", "own"] and len(match.train) == 24
+    own = {r["question"]: adapters.first_step(r["answer"]) for r in load_task_records(data_root)}
+    assert all((own[r["text"]] == r["text_pair"]) == bool(r["label"]) for r in match.train)
+    assert sum(r["label"] for r in match.train) == 12 and len({r["text"] for r in match.train}) == len(own)
     assert load_task("boolq", data_root / "commonsense" / "boolq").name == "boolq"
     with pytest.raises(DataError, match="no SVAMP train data"):
         load_task("SVAMP", data_root)  # no train split offline: a clear message
 
 
-def test_gsm8k_answers_and_division_label():
+def load_task_records(root):
+    from optlora.experiments.data import gsm8k_records
+
+    return gsm8k_records("train", root)[0]
+
+
+def test_gsm8k_answers_and_first_steps():
     assert adapters.gsm8k_final("so 3+4=7\n#### 1,250") == "1250"
-    assert adapters.uses_division("half is 10/2=<<10/2=5>>5\n#### 5")
-    assert not adapters.uses_division("one/two in words but <<1+2=3>>3\n#### 3")  # only calculator annotations count
+    assert (
+        adapters.first_step("Half is 10/2=<<10/2=5>>5 apples.\nSo 5+1=<<5+1=6>>6\n#### 6") == "Half is 10/2=5 apples."
+    )
     with pytest.raises(DataError, match="####"):
         adapters.gsm8k_final("no marker")
 
@@ -132,10 +141,10 @@ def test_llm_adapters_format_errors(tmp_path):
 
 def test_sample_only_when_allowed_and_gz_files(no_shared):
     with pytest.raises(DataError, match="unset HF_HUB_OFFLINE"):
-        load_task("gsm8k_div")
-    d = load_task("gsm8k_div", allow_sample=True)
-    assert d.sources["train"].endswith("sample/gsm8k/train.jsonl.gz") and len(d.train) == 1920
-    assert len(d.evals["test"]) == 500 and 0.3 < sum(r["label"] for r in d.train) / len(d.train) < 0.7
+        load_task("gsm8k_match")
+    d = load_task("gsm8k_match", allow_sample=True)
+    assert d.sources["train"].endswith("sample/gsm8k/train.jsonl.gz") and len(d.train) == 1000
+    assert len(d.evals["test"]) == 500 and sum(r["label"] for r in d.train) == 500
 
 
 def test_hub_loading_uses_the_documented_ids(no_shared, monkeypatch):
@@ -157,7 +166,7 @@ def test_hub_loading_uses_the_documented_ids(no_shared, monkeypatch):
     d = load_task("cola")
     assert d.sources["train"] == "hub: nyu-mll/glue cola" and d.label_names == ["0", "1"] and d.train[0]["label"] == 1
     assert calls[0] == (("nyu-mll/glue", "cola"), {"split": "train"}) and calls[1][1] == {"split": "validation"}
-    assert load_task("gsm8k_div").train[0]["label"] == 1
+    assert load_task("gsm8k_match").train[0]["text_pair"] == "a 2"  # the first step, annotation removed
     assert calls[-1] == (("openai/gsm8k", "main"), {"split": "test"})
     load_task("boolq")
     assert calls[-1][1]["data_files"] == adapters.LLM_ADAPTERS_RAW + "dataset/boolq/test.json"
@@ -170,6 +179,8 @@ def test_hub_loading_uses_the_documented_ids(no_shared, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=broken))
     with pytest.raises(DataError, match="could not load GLUE sst2 .* from the hub .*ConnectionError"):
         load_task("sst2")
+    # online without a network: the demo still falls back to the embedded sample
+    assert load_task("gsm8k_match", allow_sample=True).sources["test"].endswith("sample/gsm8k/test.jsonl.gz")
 
 
 class _FakeDataset(list):

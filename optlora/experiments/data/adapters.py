@@ -117,7 +117,7 @@ def from_records(data, dataset: str, where: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------- GSM8K
-_ANNOTATION = re.compile(r"<<([^=>]*)=")
+_ANNOTATION_FULL = re.compile(r"<<[^>]*>>")
 
 
 def gsm8k_final(answer: str) -> str:
@@ -127,9 +127,28 @@ def gsm8k_final(answer: str) -> str:
     return answer.rsplit("####", 1)[1].strip().replace(",", "").replace("$", "")
 
 
-def uses_division(answer: str) -> bool:
-    """Whether a GSM8K solution divides: a ``/`` in one of its calculator annotations ``<<a/b=c>>``."""
-    return any("/" in a for a in _ANNOTATION.findall(answer))
+def first_step(answer: str) -> str:
+    """The first line of a GSM8K solution, without its calculator annotations ``<<...>>``."""
+    return _ANNOTATION_FULL.sub("", answer.strip().split("\n", 1)[0]).strip()
+
+
+def match_rows(records: list[dict], seed: int = 0) -> list[dict]:
+    """GSM8K as pair classification: does this first solution step belong to this problem?
+
+    The problems are put in a ``random.Random(seed)`` order; every other one (positions 0, 2, ...)
+    is paired with the first step of its own solution (label 1), the others with the first step of
+    the next problem's solution in that order (label 0). Each problem appears once; the labels are
+    balanced.
+    """
+    import random
+
+    order = random.Random(seed).sample(range(len(records)), len(records))
+    out = []
+    for k, i in enumerate(order):
+        own = k % 2 == 0
+        j = i if own else order[(k + 1) % len(order)]
+        out.append({"text": records[i]["question"], "text_pair": first_step(records[j]["answer"]), "label": int(own)})
+    return out
 
 
 def read_gsm8k_jsonl(path: str | Path) -> list[dict]:

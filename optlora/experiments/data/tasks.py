@@ -5,8 +5,8 @@ Task names (``optlora finetune --task``):
 * a GLUE task (``sst2``, ``cola``, ``mrpc``, ``stsb``, ``qnli``, ``rte``, ``qqp``, ``mnli``, ``wnli``)
   or any folder of GLUE-format ``train.tsv`` + ``dev.tsv`` -> classification / regression, scored on dev;
 * ``gsm8k`` -> generation (train on GSM8K train, score on test);
-* ``gsm8k_div`` -> classification: does the GSM8K reference solution divide? (the demo task; see
-  :func:`optlora.experiments.data.adapters.uses_division`);
+* ``gsm8k_match`` -> pair classification: does this first solution step belong to this GSM8K
+  problem? (the demo task; :func:`optlora.experiments.data.adapters.match_rows`);
 * ``commonsense`` -> generation, trained on a mix of commonsense train splits (default: boolq,
   ARC-Easy, ARC-Challenge, openbookqa -- the ones available offline) and scored on each test set;
 * ``math`` -> generation, trained on GSM8K train + LLM-Adapters' math_data, scored on GSM8K and SVAMP;
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import adapters as A
 from . import glue as G
-from .sources import DataError, _key, candidate_roots, find_file, hub_offline, no_data
+from .sources import SAMPLE_ROOT, DataError, _key, candidate_roots, find_file, hub_offline, no_data
 
 KINDS = ("classification", "regression", "generation")
 
@@ -109,7 +109,13 @@ def gsm8k_records(split: str, data_dir=None, allow_sample: bool = False) -> tupl
     path = _locate(f"GSM8K {split} data (gsm8k/{split}.jsonl)", data_dir, allow_sample, ["", "gsm8k"],
                    [f"{split}.jsonl"], {"gsm8k"}, True, f"a folder with gsm8k/{split}.jsonl (JSON lines: question, answer)")  # fmt: skip
     if path is None:
-        return A.gsm8k_from_hub(split), "hub: openai/gsm8k main"
+        try:
+            return A.gsm8k_from_hub(split), "hub: openai/gsm8k main"
+        except DataError as exc:
+            path = find_file(SAMPLE_ROOT, ["gsm8k"], [f"{split}.jsonl"]) if allow_sample else None
+            if path is None:
+                raise
+            print(f"note: {exc}; using the embedded sample instead")
     return A.read_gsm8k_jsonl(path), str(path)
 
 
@@ -200,15 +206,11 @@ def load_task(
         if train_sets or eval_sets:
             raise DataError(f"--train-sets/--eval-sets apply to generation tasks, not to GLUE task {task!r}")
         return _glue(glue, G.GLUE_TASKS[glue].folder, data_dir)
-    if key == "gsm8kdiv":
+    if key == "gsm8kmatch":
         recs, src = gsm8k_records("train", data_dir, allow_sample)
         test, test_src = gsm8k_records("test", data_dir, allow_sample)
-
-        def rows(rs):
-            return [{"text": r["question"], "text_pair": None, "label": int(A.uses_division(r["answer"]))} for r in rs]
-
-        return TaskData("gsm8k_div", "classification", rows(recs), {"test": rows(test)}, ["no_division", "division"],
-                        ("accuracy", "f1"), {"train": src, "test": test_src})  # fmt: skip
+        return TaskData("gsm8k_match", "classification", A.match_rows(recs), {"test": A.match_rows(test)},
+                        ["other", "own"], ("accuracy", "f1"), {"train": src, "test": test_src})  # fmt: skip
     defaults = {
         "gsm8k": (["gsm8k"], ["gsm8k"]),
         "commonsense": (list(A.COMMONSENSE_TRAIN), [s for s in A.COMMONSENSE_SETS if s != "social_i_qa"]),
@@ -225,7 +227,7 @@ def load_task(
         return _from_folder(folder, train_sets, eval_sets)
     raise DataError(
         f"unknown task {task!r} and no folder of that name found; use a GLUE task ({', '.join(G.GLUE_TASKS)}), "
-        "gsm8k, gsm8k_div, commonsense, math, an LLM-Adapters set name, or the path of a task folder"
+        "gsm8k, gsm8k_match, commonsense, math, an LLM-Adapters set name, or the path of a task folder"
     )
 
 
