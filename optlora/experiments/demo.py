@@ -27,9 +27,9 @@ from ..cli import HelpFormatter
 from . import mf
 
 FT_TASK, FT_METHODS = "gsm8k_match", ("lora", "reflora", "scalora")
-FULL = {"mf_steps": mf.FULL_STEPS, "ft_steps": 48, "eval_samples": 500}
-QUICK = {"mf_steps": mf.QUICK_STEPS, "ft_steps": 24, "eval_samples": 200}
-FT_BATCH, FT_MAX_LEN, FT_LR = 16, 128, 2e-3
+FULL = {"mf_steps": mf.FULL_STEPS, "ft_steps": 32, "eval_samples": 500}
+QUICK = {"mf_steps": mf.QUICK_STEPS, "ft_steps": 16, "eval_samples": 200}
+FT_BATCH, FT_MAX_LEN, FT_LR = 16, 96, 2e-3
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -47,7 +47,7 @@ from .models import ModelError, default_model, load_tokenizer
 DEFAULT_LRS = {"classification": [1e-3], "regression": [1e-3], "generation": [5e-4]}
 DEFAULT_FULL_LRS = {"classification": [5e-5], "regression": [5e-5], "generation": [2e-5]}
 QUICK = dict(
-    task="gsm8k_match", methods=["lora", "reflora", "scalora"], steps=24, batch_size=16, max_len=128, eval_samples=200
+    task="gsm8k_match", methods=["lora", "reflora", "scalora"], steps=16, batch_size=16, max_len=96, eval_samples=200
 )
 #: options that do not change a run's result (ignored when --resume compares configs)
 _NOT_COMPARED = ("progress", "threads", "data_dir", "save_steps")

@@ -4,7 +4,7 @@
 
 Writes ``gsm8k/train.jsonl.gz`` (the first ``TRAIN_ROWS`` rows of ``train.jsonl``) and
 ``gsm8k/test.jsonl.gz`` (the first ``TEST_ROWS`` rows of ``test.jsonl``) next to this file,
-unchanged and in order. ``optlora demo`` trains on ``48 x 16`` of the training rows and scores
+unchanged and in order. ``optlora demo`` trains on ``32 x 16`` of the training rows and scores
 its test split.
 """
 
