@@ -37,8 +37,8 @@ from optlora.experiments.finetune import default_config  # noqa: E402
 from optlora.experiments.models import default_model, load_classifier  # noqa: E402
 
 
-def old_loop(rows, model_name, steps, batch_size, max_len, lr, seed) -> list[float]:
-    """The pre-Trainer loop of ``optlora finetune`` (ms per step)."""
+def old_loop(rows, model_name, steps, batch_size, max_len, lr, seed) -> tuple[list[float], list[float]]:
+    """The pre-Trainer loop of ``optlora finetune``: (wall ms, process-CPU ms) per step."""
     from transformers import get_linear_schedule_with_warmup
 
     torch.manual_seed(seed)
@@ -50,7 +50,7 @@ def old_loop(rows, model_name, steps, batch_size, max_len, lr, seed) -> list[flo
     data["labels"] = torch.tensor([r["label"] for r in rows])
     sched = get_linear_schedule_with_warmup(opt, round(0.06 * steps), steps)
     gen = torch.Generator().manual_seed(seed)
-    order, pos, times = torch.randperm(len(rows), generator=gen), 0, []
+    order, pos, times, cpu = torch.randperm(len(rows), generator=gen), 0, [], []
     model = setup.model.train()
     for _ in range(steps):
         if pos + batch_size > len(rows):
@@ -60,7 +60,7 @@ def old_loop(rows, model_name, steps, batch_size, max_len, lr, seed) -> list[flo
         batch = {k: v[idx] for k, v in data.items()}
         width = max(int(batch["attention_mask"].sum(1).max()), 1)
         batch = {k: (v[:, :width] if v.dim() == 2 else v) for k, v in batch.items()}
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -69,7 +69,8 @@ def old_loop(rows, model_name, steps, batch_size, max_len, lr, seed) -> list[flo
         opt.zero_grad(set_to_none=True)
         float(loss.detach())
         times.append(1000 * (time.perf_counter() - t0))
-    return times
+        cpu.append(1000 * (time.process_time() - c0))
+    return times, cpu
 
 
 def main(argv=None) -> int:
@@ -97,20 +98,28 @@ def main(argv=None) -> int:
                train_samples=n, eval_samples=16, telemetry_every=0, progress=False)  # fmt: skip
     prep = harness.prepare(task, harness.load_model(task, model, torch.float32)[1], cfg)
     rows = [task.train[i] for i in harness.split_train(len(task.train), 0.0, None, n, cfg["split_seed"])[0]]
-    old, new, new_total = [], [], []
+    old, new, new_total, old_cpu, new_cpu = [], [], [], [], []
     for _ in range(args.repeats):
-        old.append(statistics.mean(old_loop(rows, model, args.steps, args.batch_size, args.max_len, 1e-3, 0)[1:]))
+        wall, cpu = old_loop(rows, model, args.steps, args.batch_size, args.max_len, 1e-3, 0)
+        old.append(statistics.mean(wall[1:]))
+        old_cpu.append(statistics.mean(cpu[1:]))
         with tempfile.TemporaryDirectory() as tmp:
             rec = harness.train_one(prep, "lora", 1e-3, 0, cfg, score_holdout=False, run_dir=Path(tmp) / "run")
         new.append(rec["final"]["ms_per_step"])
+        new_cpu.append(rec["final"]["cpu_ms_per_step"])
         new_total.append(1000 * rec["final"]["train_seconds"] / args.steps)
-        print(f"round: old {old[-1]:.0f} ms/step, Trainer {new[-1]:.0f} ms/step ({new_total[-1]:.0f} incl. everything)")
+        print(
+            f"round: old {old[-1]:.0f} ms/step ({old_cpu[-1]:.0f} CPU), Trainer {new[-1]:.0f} ms/step "
+            f"({new_cpu[-1]:.0f} CPU; {new_total[-1]:.0f} wall incl. everything)"
+        )
     o, t, tt = statistics.median(old), statistics.median(new), statistics.median(new_total)
+    oc, tc = statistics.median(old_cpu), statistics.median(new_cpu)
     print(
         f"{task.name}, batch {args.batch_size} x <= {args.max_len} tokens, {args.threads} thread(s), {args.steps} steps:"
     )
     print(f"  old loop {o:.0f} ms/step | Trainer harness {t:.0f} ms/step (ratio {t / o:.2f}); "
           f"Trainer incl. data/logging/callbacks {tt:.0f} ms/step (ratio {tt / o:.2f})")  # fmt: skip
+    print(f"  process CPU: old loop {oc:.0f} ms/step | Trainer harness {tc:.0f} ms/step (ratio {tc / oc:.2f})")
     return 0
 
 
