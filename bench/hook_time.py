@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import models  # noqa: E402
-import parity  # noqa: E402
+from optlora import make_method  # noqa: E402
+from optlora.testing import models  # noqa: E402
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
@@ -50,7 +47,7 @@ def main(argv=None) -> int:
     for kind in ["lora"] + args.methods.split(","):
         model = models.build(spec, rank=args.rank, dtype=torch.float32, device="cpu")
         opt = torch.optim.AdamW(models.lora_parameters(model), lr=1e-5)
-        method = parity.make_method(kind, model, warmup_steps=1)
+        method = make_method(kind, model, warmup_steps=1)
         if method is not None:
             method.attach(opt)
         for _ in range(2):

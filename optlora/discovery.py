@@ -138,16 +138,31 @@ def find_lora_factors(
     return found
 
 
-def unwrap_optimizer(optimizer):
-    """The innermost ``torch.optim.Optimizer`` inside wrappers such as accelerate's ``AcceleratedOptimizer``.
+def lora_layers(model: nn.Module, adapter: str | None = None) -> list[LoRAFactors]:
+    """Every PEFT LoRA ``Linear`` adapter ``adapter`` of ``model``, trainable or not.
 
-    Such wrappers may themselves subclass ``torch.optim.Optimizer`` (accelerate's does) while the
-    hooks, state and parameter groups that matter live on the wrapped ``.optimizer``.
+    Unlike :func:`find_lora_factors` (what a method trains), this lists what a saved or
+    exported model holds. Names are module paths inside the *base* model (no ``[adapter]``
+    suffix), as PEFT's own state dicts and ``target_modules`` use them. ``adapter`` defaults
+    to the model's active adapter.
     """
-    seen = set()
-    while getattr(optimizer, "optimizer", None) is not None and id(optimizer) not in seen:
-        seen.add(id(optimizer))
-        optimizer = optimizer.optimizer
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"expected a torch.optim.Optimizer (or a wrapper of one), got {type(optimizer).__name__}")
-    return optimizer
+    _, linear_cls = _lora_classes()
+    if adapter is None:
+        adapter = getattr(model, "active_adapter", None) or "default"
+    if isinstance(adapter, (list, tuple)):
+        adapter = adapter[0]
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out = [
+        LoRAFactors(path, module, adapter)
+        for path, module in inner.named_modules()
+        if isinstance(module, linear_cls) and adapter in module.lora_A
+    ]
+    if not out:
+        raise ValueError(f"{type(model).__name__} has no PEFT LoRA Linear layer with adapter {adapter!r}")
+    return out
+
+
+def is_lora_model(model: nn.Module) -> bool:
+    """Whether ``model`` contains any PEFT LoRA layer (a ``PeftModel`` or a module with LoRA layers inside)."""
+    lora_layer, _ = _lora_classes()
+    return hasattr(model, "get_base_model") or any(isinstance(m, lora_layer) for m in model.modules())

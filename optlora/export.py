@@ -13,7 +13,8 @@ no longer of rank ``r`` and the saved adapter alone does not reproduce the model
   ``||Delta - Delta_k||_F / ||Delta||_F`` reported per layer and overall, either at a
   chosen rank or at the smallest rank per layer that meets an error tolerance.
 
-Command line: ``optlora export --checkpoint CKPT --base MODEL --out DIR [--format adapter --rank 16 | --tol 0.01]``.
+Command line (:mod:`optlora.export_cli`):
+``optlora export --checkpoint CKPT --base MODEL --out DIR [--format adapter --rank 16 | --tol 0.01]``.
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .discovery import LoRAFactors
+from .discovery import LoRAFactors, is_lora_model, lora_layers
 
 STATE_FILE = "optlora_state.pt"  # same name as optlora.hf.STATE_FILE (hf is not imported here)
 _TASK_TO_AUTO = {
@@ -100,27 +100,6 @@ def svd_compress(delta: torch.Tensor, *, rank: int | None = None, tol: float | N
 
 
 # ---------------------------------------------------------------------------------------------- model access
-def _inner(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def lora_layers(model: nn.Module, adapter: str | None = None) -> list[LoRAFactors]:
-    """Every PEFT LoRA ``Linear`` adapter of ``model`` (trainable or not); names are paths in the base model."""
-    from peft.tuners.lora import Linear
-
-    if adapter is None:
-        adapter = getattr(model, "active_adapter", None) or "default"
-    if isinstance(adapter, (list, tuple)):
-        adapter = adapter[0]
-    out = []
-    for path, module in _inner(model).named_modules():
-        if isinstance(module, Linear) and adapter in module.lora_A:
-            out.append(LoRAFactors(path, module, adapter))
-    if not out:
-        raise ValueError(f"{type(model).__name__} has no PEFT LoRA Linear layer with adapter {adapter!r}")
-    return out
-
-
 def _dense(f: LoRAFactors, base_weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``W_now - W_pretrained`` (out x in) of one layer: merged base drift plus the live adapter."""
     w_now = f.base_weight.detach().to(dtype)
@@ -191,7 +170,7 @@ def export_adapter(
 
     if rank is None and tol is None:
         raise ValueError("export_adapter needs rank= (same rank everywhere) and/or tol= (rank per layer)")
-    if hasattr(base, "get_base_model") or any(isinstance(m, peft.tuners.lora.LoraLayer) for m in base.modules()):
+    if is_lora_model(base):
         raise TypeError("base must be the original model without LoRA layers (not a PeftModel)")
     layers = lora_layers(model, adapter)
     adapter = layers[0].adapter
@@ -311,60 +290,3 @@ def load_trained(checkpoint: str, base: str, *, task: str | None = None, dtype: 
     if os.path.isfile(state_file):
         apply_method_state(model, torch.load(state_file, map_location="cpu", weights_only=True))
     return model, auto
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "export",
-        help="export a trained checkpoint: full merged model or a compressed PEFT LoRA adapter",
-        description=__doc__.split("\n\n")[0] + " Uses the PEFT adapter and optlora_state.pt of a Trainer checkpoint.",
-    )
-    p.add_argument("--checkpoint", default=None, help="checkpoint folder (PEFT adapter [+ optlora_state.pt])")
-    p.add_argument("--base", default=None, help="original pretrained model: hub id or local path")
-    p.add_argument("--out", default=None, help="output folder")
-    p.add_argument(
-        "--format",
-        choices=("merged", "adapter"),
-        default="merged",
-        help="merged: full model (safetensors); adapter: W_now - W_pretrained as a LoRA adapter by truncated SVD",
-    )
-    p.add_argument("--rank", type=int, default=None, help="adapter rank (with --tol: the per-layer cap)")
-    p.add_argument("--tol", type=float, default=None, help="per-layer relative Frobenius error target (adapter)")
-    p.add_argument("--task", default=None, help="PEFT task type (CAUSAL_LM, SEQ_CLS, ...); default from the adapter")
-    p.add_argument("--dtype", choices=tuple(_DTYPES), default="auto", help="dtype to load the base model in")
-    p.add_argument("--report-json", default=None, help="also write the adapter export report to this JSON file")
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
-    missing = [o for o in ("checkpoint", "base", "out") if getattr(args, o, None) is None]
-    if missing:
-        print("optlora export: missing " + ", ".join(f"--{m}" for m in missing), file=sys.stderr)
-        return 2
-    if args.format == "adapter" and args.rank is None and args.tol is None:
-        print("optlora export: --format adapter needs --rank and/or --tol", file=sys.stderr)
-        return 2
-    dtype = _DTYPES[args.dtype]
-    model, auto = load_trained(args.checkpoint, args.base, task=args.task, dtype=dtype)
-    tokenizer = None
-    if os.path.isfile(os.path.join(args.checkpoint, "tokenizer_config.json")):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
-    if args.format == "merged":
-        path = export_merged(model, args.out, tokenizer=tokenizer, inplace=True)
-        print(f"wrote the merged model to {path}")
-        return 0
-    base = auto.from_pretrained(args.base, **_dtype_kw(dtype))
-    report = export_adapter(model, base, args.out, rank=args.rank, tol=args.tol)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(args.out)
-    print(report.summary())
-    if args.report_json:
-        with open(args.report_json, "w") as fh:
-            json.dump(report.to_json(), fh, indent=1)
-    return 0

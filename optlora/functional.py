@@ -25,12 +25,19 @@ import torch
 
 __all__ = [
     "Refactor",
+    "Rescaling",
     "ScalarQuantities",
     "Scalings",
+    "chain_rule_rescaling",
     "geometric_mean",
+    "inverse_gram",
     "reflora_bound_minimizers",
+    "reflora_precondition",
     "reflora_preconditioner",
+    "reflora_s_factor_scalings",
     "reflora_s_scale",
+    "scaledgd_precondition",
+    "scalora_merge_coefficient",
     "scalora_column_scaling",
     "scalora_column_system",
     "scalora_scalar_quantities",
@@ -165,6 +172,60 @@ def reflora_s_scale(sqnorm_A: torch.Tensor, sqnorm_B: torch.Tensor) -> tuple[tor
     return s, ok
 
 
+def reflora_precondition(
+    grad_A: torch.Tensor, grad_B: torch.Tensor, S: torch.Tensor, S_inv: torch.Tensor, ok: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RefLoRA's refactored step as preconditioned gradients (RefLoRA Sec. 3.2; "refactor back").
+
+    Refactoring with ``P P^T = S``, stepping and refactoring back is, in the original
+    coordinates, ``A <- A - eta dA S^{-1}``, ``B <- B - eta dB S``. In PEFT layout
+    (``grad_A = lora_A.grad = dA^T``, r x in; ``grad_B = lora_B.grad = dB``, out x r)::
+
+        lora_A.grad <- S^{-1} lora_A.grad,      lora_B.grad <- lora_B.grad S.
+
+    Batched over leading dims; where ``ok`` is False the gradients are returned unchanged
+    (bit for bit: even an identity product would turn ``0 * Inf`` into NaN).
+    """
+    keep = ok[..., None, None]
+    return torch.where(keep, S_inv @ grad_A, grad_A), torch.where(keep, grad_B @ S, grad_B)
+
+
+def reflora_s_factor_scalings(s: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RefLoRA-S's refactoring ``A <- sqrt(s) A``, ``B <- B / sqrt(s)`` as column scalings (RefLoRA Thm 5).
+
+    Returns ``(alpha, beta)`` of shape ``(..., rank)`` for :func:`chain_rule_rescaling`.
+    """
+    root = s.sqrt()[..., None]
+    return root.expand(*s.shape, rank), (1 / root).expand(*s.shape, rank)
+
+
+def inverse_gram(gram: torch.Tensor, rank_tol: float = RANK_TOL) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched inverse of SPD ``r x r`` Grams through ``eigh``; ``ok`` False (and I returned) if rank deficient."""
+    ok = _finite(gram, dims=2)
+    w, V = _safe_eigh(gram, ok)
+    ok = ok & (w[..., -1] > 0) & (w[..., 0] > rank_tol * w[..., -1])
+    w = torch.where(ok[..., None], w, torch.ones_like(w))
+    inv = (V / w[..., None, :]) @ V.mT
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    return torch.where(ok[..., None, None], inv, eye), ok
+
+
+def scaledgd_precondition(
+    grad_A: torch.Tensor, grad_B: torch.Tensor, gram_A: torch.Tensor, gram_B: torch.Tensor, rank_tol: float = RANK_TOL
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ScaledGD (Tong, Ma & Chi, JMLR 2021, eq. (5)): ``dA <- dA (B^T B)^{-1}``, ``dB <- dB (A^T A)^{-1}``.
+
+    The baseline of RefLoRA Fig. 2. PEFT layout: ``lora_A.grad <- (B^T B)^{-1} lora_A.grad``,
+    ``lora_B.grad <- lora_B.grad (A^T A)^{-1}``. Returns the new gradients and ``ok``
+    (False where a Gram is singular or non-finite; the gradients are then unchanged).
+    """
+    inv_B, ok_B = inverse_gram(gram_B, rank_tol)
+    inv_A, ok_A = inverse_gram(gram_A, rank_tol)
+    ok = ok_A & ok_B
+    keep = ok[..., None, None]
+    return torch.where(keep, inv_B @ grad_A, grad_A), torch.where(keep, grad_B @ inv_A, grad_B), ok
+
+
 # --------------------------------------------------------------------------- ScaLoRA
 
 
@@ -256,7 +317,7 @@ def scalora_scalar_scaling(
     (``x = alpha^2``, ``y = beta^2``) by comparing its KKT candidates. This equals the
     theorem on every non-degenerate input and is also defined at LoRA's init ``B = 0``.
     (The one-sided case is ``alpha^2 = kappa g_A / p_A``: the summary's unsquared form is a
-    typo, see the spec's erratum.)
+    typo: the minimiser of the one-sided quadratic is ``kappa g_A / p_A``.)
 
     Returns ``(alpha, beta, ok)`` (batch-shaped scalars); ``ok`` is False where there is
     nothing to gain (``p_A = p_B = 0``: a LoRA stationary point) or inputs are not finite;
@@ -331,3 +392,40 @@ def scalora_scalings(
     alpha = torch.where(col_ok[..., None], a_col, a_s)
     beta = torch.where(col_ok[..., None], b_col, b_s)
     return Scalings(alpha, beta, col_ok, col_ok | sc_ok)
+
+
+def scalora_merge_coefficient(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """``1 - alpha * beta``: ScaLoRA's merge ``W <- W + A diag(1 - alpha beta) B^T`` (ScaLoRA Sec. 3.1).
+
+    Rewriting ``W = (W_pt + A B^T - A~ B~^T) + A~ B~^T`` with ``A~ = A diag(alpha)``,
+    ``B~ = B diag(beta)`` leaves the model's function unchanged; the first part is merged.
+    """
+    return 1.0 - alpha * beta
+
+
+class Rescaling(NamedTuple):
+    """Per-rank-index multipliers of one column rescaling at the same full weight (PEFT layout).
+
+    ``lora_A`` (r x in) rows by ``lora_A``, ``lora_B`` (out x r) columns by ``lora_B``; their
+    gradients by ``grad_A`` / ``grad_B``. An optimizer state that is a per-element average of
+    gradients to the power ``p`` (Adam's ``exp_avg``: 1, ``exp_avg_sq``: 2) scales by the
+    gradient multiplier to the power ``p``.
+    """
+
+    lora_A: torch.Tensor  # (..., r)
+    lora_B: torch.Tensor
+    grad_A: torch.Tensor
+    grad_B: torch.Tensor
+
+
+def chain_rule_rescaling(alpha: torch.Tensor, beta: torch.Tensor) -> Rescaling:
+    """``A~ = A diag(alpha)``, ``B~ = B diag(beta)`` and what follows by the chain rule.
+
+    With ``G`` unchanged (the weight is unchanged), ``dA~ = G B~ = dA diag(beta)`` and
+    ``dB~ = G^T A~ = dB diag(alpha)`` (ScaLoRA, Lemmas 3.3 / 3.6; RefLoRA Sec. 3.3 for the
+    scalar case). Moments re-express the whole gradient history exactly because the map is
+    diagonal: ``m_A~ = m_A diag(beta)``, ``v_A~ = v_A diag(beta^2)``, ``m_B~ = m_B diag(alpha)``,
+    ``v_B~ = v_B diag(alpha^2)``. So ``lora_A`` (= ``A^T``) takes ``alpha`` on its rows and
+    its gradient and moments take ``beta``; ``lora_B`` the other way round.
+    """
+    return Rescaling(lora_A=alpha, lora_B=beta, grad_A=beta, grad_B=alpha)

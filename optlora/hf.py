@@ -32,8 +32,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from .discovery import unwrap_optimizer
-from .method import LoRAMethod
+from .methods import LoRAMethod
+from .optimizer_state import unwrap_optimizer
 
 STATE_FILE = "optlora_state.pt"
 

@@ -39,10 +39,6 @@ def resolve_mode(mode: str, dtype: torch.dtype) -> str:
     return "stochastic" if mode == "auto" else mode
 
 
-def needs_buffer(mode: str, dtype: torch.dtype) -> bool:
-    return resolve_mode(mode, dtype) in ("kahan", "fp32")
-
-
 def new_buffer(weight: torch.Tensor, mode: str) -> torch.Tensor | None:
     """The per-weight buffer a mode needs (zeros for Kahan, a float32 copy for fp32)."""
     mode = resolve_mode(mode, weight.dtype)

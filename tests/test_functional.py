@@ -1,4 +1,4 @@
-"""optlora.functional against the independent float64 reference (tests/reference.py).
+"""optlora.functional against the independent float64 reference (optlora.testing.reference).
 
 Covers RefLoRA's geometric mean and Theorem 3, RefLoRA-S (Theorem 5), ScaLoRA's column
 theorem (Thm 5 / ICML 3.7), scalar theorem (Thm 3 / ICML 3.5) and hybrid rule, with
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import reference as ref
 import torch
 from scipy.optimize import nnls
 
 from optlora import functional as F
+from optlora.testing import reference as ref
 
 
 def rand_factors(rng, m=7, n=6, r=3, L=None):
@@ -188,7 +188,7 @@ def test_column_scaling_equals_exhaustive_nnls_whenever_v_positive():
 
 @pytest.mark.parametrize("v1,accepted", [(1e-6, True), (-1e-6, False)])
 def test_column_acceptance_is_strict_positivity(v1, accepted):
-    """``K v = lambda`` with a borderline entry: accepted iff every ``v_i > 0`` (spec 4.6)."""
+    """``K v = lambda`` with a borderline entry: accepted iff every ``v_i > 0`` (ScaLoRA's hybrid rule)."""
     rng = np.random.default_rng(13)
     Q = rng.standard_normal((4, 4))
     K = Q @ Q.T + np.eye(4)

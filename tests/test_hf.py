@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import pathlib
 import shutil
 
@@ -205,24 +204,6 @@ def test_trl_sft_trainer(tmp_path):
     assert method.steps == 3 and method.method_steps == 2
     assert method.stats()["last_skipped_layers"] == []
     assert any(not torch.equal(before[k], v) for k, v in _snapshot(model).items())
-
-
-def _imports(path: pathlib.Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            names.add(("." * node.level) + (node.module or ""))
-    return names
-
-
-def test_layering():
-    """optlora.hf never imports trl; the core never imports the integrations."""
-    assert not any(n.split(".")[0] == "trl" for n in _imports(ROOT / "optlora" / "hf.py"))
-    integrations = {".hf", ".export", "optlora.hf", "optlora.export", ".cli", "optlora.cli"}
-    for name in ["__init__", "method", "discovery", "functional", "merge", "optimizer_state", "distributed"]:
-        assert not (_imports(ROOT / "optlora" / f"{name}.py") & integrations), name
 
 
 @pytest.mark.parametrize("script,method", [("train_trainer", "scalora"), ("train_trl", "reflora_s")])

@@ -2,7 +2,6 @@
 
 * :mod:`optlora.experiments.mf` -- the matrix-factorisation toy of RefLoRA Sec. 4.1 / Fig. 2
   (``optlora mf``), run through the library on a PEFT model;
-* :mod:`optlora.experiments.scaledgd` -- the ScaledGD baseline as a :class:`optlora.LoRAMethod`;
 * :mod:`optlora.experiments.results` -- result files shared by every experiment (JSON per run, CSV summary);
 * :mod:`optlora.experiments.plots` -- figures from any result file (``optlora plot``);
 * :mod:`optlora.experiments.demo` -- a short end-to-end comparison (``optlora demo``);

@@ -144,11 +144,14 @@ def build(
 
     opt = _adamw(peft_model.parameters(), lr, weight_decay)
     method = None
-    if name in ("reflora", "reflora_s"):
-        method = optlora.RefLoRA(peft_model, scalar=name == "reflora_s", warmup_steps=warmup_steps).attach(opt)
-    elif name in ("scalora", "scalora_i"):
-        interval = 1 if name == "scalora" else interval_i
-        method = optlora.ScaLoRA(peft_model, warmup_steps=warmup_steps, interval=interval, kappa=kappa).attach(opt)
+    if name in OPTLORA_METHODS:
+        options = {"warmup_steps": warmup_steps}
+        if name in ("scalora", "scalora_i"):
+            options["kappa"] = kappa
+        if name == "scalora_i":
+            options["interval"] = interval_i
+        method = optlora.make_method(name, peft_model, **options)
     if method is not None:
+        method.attach(opt)
         info["optlora"] = method.config()
     return Setup(name, peft_model, opt, method=method, info=info)

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli import HelpFormatter
+from ..cliutil import HelpFormatter
 from . import mf
 
 FT_METHODS = ("lora", "reflora", "scalora")

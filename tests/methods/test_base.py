@@ -1,4 +1,4 @@
-"""The shared state machine (optlora/method.py): warm-up, interval, state_dict, hooks, checks, dtypes."""
+"""The shared state machine (optlora.methods.base): warm-up, interval, state_dict, hooks, checks, dtypes."""
 
 from __future__ import annotations
 
@@ -161,7 +161,7 @@ def test_gradient_accumulation_fires_once_per_step(name):
 
 
 def test_clipping_before_step_is_seen_by_reflora():
-    import reference as ref
+    from optlora.testing import reference as ref
 
     model, loss_fn, batch = build("mlp")
     opt = torch.optim.SGD(lora_params(model), lr=0.1)
@@ -266,7 +266,7 @@ def test_mlp_batch_helper_is_deterministic():
 
 
 def test_reflora_without_warmup_from_peft_init_skips_then_applies():
-    """PEFT's lora_B = 0 makes S~ = 0 (spec 2.6): step 1 must fall back to plain LoRA, step 2 refactors."""
+    """PEFT's lora_B = 0 makes S~ = 0 (RefLoRA Sec. 3, Assumption 1): step 1 must fall back to plain LoRA, step 2 refactors."""
     model = tiny_mlp(random_b=False)
     opt = torch.optim.SGD(lora_params(model), lr=0.1)
     method = optlora.RefLoRA(model, warmup_steps=0).attach(opt)
@@ -277,3 +277,30 @@ def test_reflora_without_warmup_from_peft_init_skips_then_applies():
     assert all(f.lora_B.abs().sum() > 0 for f in method.factors)  # the plain step left the init
     train_steps(model, opt, mlp_loss, batch, 1)
     assert method.stats()["last_skipped_layers"] == [] and method.method_steps == 2
+
+
+def test_optimizer_state_without_an_exact_rule_is_refused_before_anything_changes():
+    """An Adam subclass keeping its moments under its own keys inherits Adam's rule: refused, nothing modified."""
+
+    class OwnKeys(torch.optim.Adam):
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for q in group["params"]:
+                    st = self.state[q]
+                    st["m"] = st.get("m", torch.zeros_like(q)) + q.grad
+                    q.data.add_(st["m"], alpha=-1e-3)
+
+    model, loss_fn, batch = build("mlp")
+    opt = OwnKeys(lora_params(model))
+    method = optlora.ScaLoRA(model, warmup_steps=1).attach(opt)
+    train_steps(model, opt, loss_fn, batch, 1)  # warm-up: plain step, state "m" appears
+    opt.zero_grad()
+    forward_backward(model, loss_fn, batch)
+    before = snapshot(method)
+    with pytest.raises(TypeError, match="'m' is not covered"):
+        opt.step()
+    after = snapshot(method)
+    for name in before:
+        for key in ("A", "B", "W", "gA", "gB"):
+            np.testing.assert_array_equal(before[name][key], after[name][key])
+    assert (method.steps, method.method_steps) == (1, 0)

@@ -17,8 +17,16 @@ from __future__ import annotations
 
 import torch
 
-from .functional import RANK_TOL, reflora_preconditioner, reflora_s_scale
-from .method import LayerGroup, LoRAMethod
+from ..functional import (
+    RANK_TOL,
+    chain_rule_rescaling,
+    reflora_precondition,
+    reflora_preconditioner,
+    reflora_s_factor_scalings,
+    reflora_s_scale,
+)
+from .base import LoRAMethod
+from .layers import LayerGroup
 
 
 class RefLoRA(LoRAMethod):
@@ -75,50 +83,34 @@ class RefLoRA(LoRAMethod):
         Batching the closed form over groups matters on CUDA: ``torch.linalg.eigh`` synchronises
         the device with the host, so one call pair per step instead of one per group shape.
         """
-        dt = self.compute_dtype
-        parts = []
-        for group in groups:
-            A, B = group.stack("A", dt), group.stack("B", dt)  # (L, r, in), (L, out, r)
-            gA, gB = group.stack("gA", dt), group.stack("gB", dt)
-            parts.append((A, B, gA, gB, self._finite(A, B, gA, gB)))
+        parts = [g.factors_and_grads(self.compute_dtype) for g in groups]
         if self.scalar:
             plans = []
-            for A, B, _, _, finite in parts:
-                s, ok = reflora_s_scale(A.square().sum((1, 2)), B.square().sum((1, 2)))
-                plans.append({"finite": finite, "ok": ok & finite, "P": s.sqrt()})
+            for g, st in zip(groups, parts):
+                s, ok = reflora_s_scale(*g.factor_sqnorms(st))
+                plans.append({"finite": st.finite, "ok": ok & st.finite, "s": s})
             return plans
         refs: list = [None] * len(parts)
         buckets: dict[tuple, list[int]] = {}
-        for i, (A, *_rest) in enumerate(parts):
-            buckets.setdefault((A.shape[1], A.device), []).append(i)
+        for i, st in enumerate(parts):
+            buckets.setdefault((st.A.shape[1], st.A.device), []).append(i)
         for idx in buckets.values():
-            gram_A = torch.cat([parts[i][0] @ parts[i][0].mT for i in idx])
-            gram_B = torch.cat([parts[i][1].mT @ parts[i][1] for i in idx])
+            grams = [groups[i].factor_grams(parts[i]) for i in idx]
+            gram_A, gram_B = torch.cat([g[0] for g in grams]), torch.cat([g[1] for g in grams])
             ref = reflora_preconditioner(gram_A, gram_B, rank_tol=self.rank_tol)
-            sizes = [parts[i][0].shape[0] for i in idx]
+            sizes = [parts[i].A.shape[0] for i in idx]
             for i, S, S_inv, ok in zip(idx, ref.S.split(sizes), ref.S_inv.split(sizes), ref.ok.split(sizes)):
                 refs[i] = (S, S_inv, ok)
         plans = []
-        for (_, _, gA, gB, finite), (S, S_inv, ref_ok) in zip(parts, refs):
-            ok = ref_ok & finite
-            keep = ok[:, None, None]
-            # PEFT layout: lora_A.grad = (dA S^{-1})^T = S^{-1} lora_A.grad ; lora_B.grad = dB S.
-            # Skipped layers keep their gradient as is (even an identity product turns 0 * Inf into NaN).
-            plans.append(
-                {
-                    "finite": finite,
-                    "ok": ok,
-                    "gA": torch.where(keep, S_inv @ gA, gA),
-                    "gB": torch.where(keep, gB @ S, gB),
-                }
-            )
+        for st, (S, S_inv, ref_ok) in zip(parts, refs):
+            ok = ref_ok & st.finite
+            grad_A, grad_B = reflora_precondition(st.gA, st.gB, S, S_inv, ok)
+            plans.append({"finite": st.finite, "ok": ok, "gA": grad_A, "gB": grad_B})
         return plans
 
     def _apply(self, group: LayerGroup, plan: dict[str, torch.Tensor]) -> None:
         if self.scalar:
-            P = torch.where(plan["ok"], plan["P"], torch.ones_like(plan["P"]))[:, None]
-            r = group.factors[0].rank
-            self._rescale_group_(group, P.expand(-1, r), (1 / P).expand(-1, r))  # A *= P, B /= P
+            s = torch.where(plan["ok"], plan["s"], torch.ones_like(plan["s"]))
+            self._rescale_group_(group, chain_rule_rescaling(*reflora_s_factor_scalings(s, group.rank)))
             return
-        grads = [f.lora_A.grad for f in group.factors] + [f.lora_B.grad for f in group.factors]
-        torch._foreach_copy_(grads, [*plan["gA"].unbind(0), *plan["gB"].unbind(0)])
+        group.set_gradients_(plan["gA"], plan["gB"])

@@ -13,69 +13,20 @@ hook runs three phases:
 3. *apply*: precondition gradients (RefLoRA) or rescale factors, gradients and
    optimizer moments (RefLoRA-S, ScaLoRA), merging into the base weight (ScaLoRA).
 
-Subclasses implement ``_plan`` and ``_apply`` only.
+Subclasses implement ``_plan`` (or ``_plan_all``) and ``_apply`` only; every read and write of a
+parameter goes through :class:`optlora.methods.layers.LayerGroup`.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 
-from .discovery import LoRAFactors, find_lora_factors, unwrap_optimizer
-from .distributed import check_not_sharded
-from .optimizer_state import require_moment_rule
+from ..discovery import find_lora_factors
+from ..distributed import check_not_sharded
+from ..optimizer_state import moment_tensors, require_moment_rule, unwrap_optimizer
+from .layers import LayerGroup, group_factors
 
 _ATTACHED = "_optlora_method"
-_GET = {
-    "A": lambda f: f.lora_A,
-    "B": lambda f: f.lora_B,
-    "gA": lambda f: f.lora_A.grad,
-    "gB": lambda f: f.lora_B.grad,
-}
-
-
-class LayerGroup:
-    """Same-shape, same-dtype, same-device adapters, processed as one batch."""
-
-    def __init__(self, factors: list[LoRAFactors]):
-        self.factors = factors
-
-    def stack(self, what: str, dtype: torch.dtype) -> torch.Tensor:
-        """``what`` in {"A", "B", "gA", "gB"}: stacked (L, ...) copy in ``dtype``."""
-        return torch.stack([_GET[what](f).detach() for f in self.factors]).to(dtype)
-
-    def pair(self, first: str, second: str, dtype: torch.dtype, dim: int) -> torch.Tensor:
-        """``[first_l, second_l]`` concatenated along ``dim`` (1: rows, 2: columns) for every layer ``l``.
-
-        (L, 2a, b) or (L, a, 2b) in ``dtype``, built with one stack and one converting copy
-        (instead of two stacks, two conversions and a ``cat``).
-        """
-        L = len(self.factors)
-        X = torch.stack(
-            [_GET[first](f).detach() for f in self.factors] + [_GET[second](f).detach() for f in self.factors]
-        )
-        X = X.view(2, L, *X.shape[1:])
-        a, b = X.shape[2:]
-        if dim == 1:
-            return torch.empty(L, 2, a, b, dtype=dtype, device=X.device).copy_(X.transpose(0, 1)).view(L, 2 * a, b)
-        return torch.empty(L, a, 2, b, dtype=dtype, device=X.device).copy_(X.permute(1, 2, 0, 3)).view(L, a, 2 * b)
-
-    def scalings(self, dtype: torch.dtype) -> torch.Tensor:
-        """PEFT scales as an (L,) tensor; cached (no host-to-device copy per step) until a scale changes."""
-        key = (dtype, tuple(f.scaling for f in self.factors))
-        if getattr(self, "_scalings_key", None) != key:
-            self._scalings = torch.tensor(key[1], dtype=dtype, device=self.factors[0].lora_A.device)
-            self._scalings_key = key
-        return self._scalings
-
-
-def group_factors(factors: list[LoRAFactors]) -> list[LayerGroup]:
-    groups: dict[tuple, list[LoRAFactors]] = defaultdict(list)
-    for f in factors:
-        key = (f.lora_A.device, f.lora_A.dtype, f.lora_B.dtype, tuple(f.lora_A.shape), tuple(f.lora_B.shape))
-        groups[key].append(f)
-    return [LayerGroup(v) for v in groups.values()]
 
 
 class LoRAMethod:
@@ -171,26 +122,26 @@ class LoRAMethod:
 
     # ------------------------------------------------------------------ the step
     def _pre_step(self, optimizer, args, kwargs) -> None:
-        self.steps += 1
-        if not self.is_due(self.steps):
-            return
-        groups = self._active_groups()
+        step = self.steps + 1
+        groups = self._active_groups() if self.is_due(step) else []
         if not groups:
+            self.steps = step
             return
         with torch.no_grad():
+            # everything that can refuse the step runs before the first parameter is touched
+            self._check_moments(groups)
             plans = self._plan_all(groups)
             if self.on_nonfinite == "raise" and not bool(torch.cat([p["finite"] for p in plans]).all()):  # one sync
                 bad = [f.name for g, p in zip(groups, plans) for f, o in zip(g.factors, p["finite"].tolist()) if not o]
-                if bad:
-                    self.steps -= 1
-                    raise RuntimeError(
-                        f"{type(self).__name__}: non-finite gradient or factor in {len(bad)} LoRA layer(s): "
-                        + ", ".join(bad[:5])
-                        + ". Nothing was modified. Use a GradScaler/clipping, lower the learning rate, or pass "
-                        "on_nonfinite='skip' to leave such layers to the plain optimizer step."
-                    )
+                raise RuntimeError(
+                    f"{type(self).__name__}: non-finite gradient or factor in {len(bad)} LoRA layer(s): "
+                    + ", ".join(bad[:5])
+                    + ". Nothing was modified. Use a GradScaler/clipping, lower the learning rate, or pass "
+                    "on_nonfinite='skip' to leave such layers to the plain optimizer step."
+                )
             for g, p in zip(groups, plans):
                 self._apply(g, p)
+        self.steps = step
         self.method_steps += 1
         self._last = {k: torch.cat([p[k] for p in plans]) for k in plans[0] if k in ("finite", "ok", "column")}
         self._last_names = [f.name for g in groups for f in g.factors]
@@ -217,66 +168,21 @@ class LoRAMethod:
     def _apply(self, group: LayerGroup, plan: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
-    @staticmethod
-    def _finite(*stacked: torch.Tensor) -> torch.Tensor:
-        """Per-layer finiteness of stacked (L, ...) tensors.
-
-        One float64 sum per tensor instead of an elementwise ``isfinite`` (five kernels): a sum
-        is NaN/Inf iff an element is, as float64 sums of float32/bfloat16 values cannot overflow.
-        """
-        sums = torch.stack([t.flatten(1).sum(1, dtype=torch.float64) for t in stacked])
-        return torch.isfinite(sums).all(0)
-
     # ------------------------------------------------------------------ shared rescale
-    def _rescale_group_(self, group: LayerGroup, alpha: torch.Tensor, beta: torch.Tensor) -> None:
-        """``A~ = A diag(alpha)``, ``B~ = B diag(beta)`` for a whole group at the same full weight (PEFT layout).
-
-        ``alpha``, ``beta`` are (L, r). ``lora_A`` rows scale by ``alpha`` and its gradient/moments by
-        ``beta``; ``lora_B`` columns scale by ``beta`` and its gradient/moments by ``alpha`` (chain rule;
-        second moments by the square). Scales stay in float32 or better, so half-precision storage is
-        rounded once. One ``torch._foreach_mul_`` covers every factor, gradient and moment of the group;
-        on CUDA the scales are materialised to full shape so that the multi-tensor fast path applies
-        (for float32 tensors; half-precision ones take foreach's per-tensor path).
-        """
-        cast: dict[tuple, torch.Tensor] = {}
-        first = group.factors[0]
-        full = self._full_scales if self._full_scales is not None else first.lora_A.device.type == "cuda"
-        shape_A, shape_B = (len(group.factors), *first.lora_A.shape), (len(group.factors), *first.lora_B.shape)
-
-        def scale(which: str, dtype: torch.dtype, row: bool, power: int = 1) -> torch.Tensor:
-            key = (which, dtype, row, power)
-            if key not in cast:
-                t = (alpha if which == "alpha" else beta).to(torch.promote_types(dtype, torch.float32))
-                t = t if power == 1 else t**power
-                t = t[:, :, None] if row else t[:, None, :]
-                cast[key] = t.expand(shape_A if row else shape_B).contiguous() if full else t
-            return cast[key]
-
+    def _rescale_group_(self, group: LayerGroup, rescaling) -> None:
+        """Apply a chain-rule rescaling to ``group``'s factors, gradients and (attached) optimizer moments."""
+        full = self._full_scales if self._full_scales is not None else group.factors[0].lora_A.device.type == "cuda"
         rule = self._rule if self.optimizer is not None else None
-        tensors, scales = [], []
-        for i, f in enumerate(group.factors):
-            A, B = f.lora_A, f.lora_B
-            # lora_A rows by alpha (grad/moments by beta); lora_B columns by beta (grad/moments by alpha)
-            for t, which, row in (
-                (A, "alpha", True),
-                (B, "beta", False),
-                (A.grad, "beta", True),
-                (B.grad, "alpha", False),
-            ):
-                tensors.append(t)
-                scales.append(scale(which, t.dtype, row)[i])
-            if rule is None:
-                continue
-            for p, which, row in ((A, "beta", True), (B, "alpha", False)):
-                state = self.optimizer.state.get(p)
-                if not state:
-                    continue  # no step taken yet: nothing to transfer
-                for key, power in rule.items():
-                    t = state.get(key)
-                    if isinstance(t, torch.Tensor) and t.shape == p.shape and power != 0:
-                        tensors.append(t)
-                        scales.append(scale(which, t.dtype, row, power)[i])
-        torch._foreach_mul_(tensors, scales)
+        group.rescale_(rescaling, self.optimizer, rule, full_scales=full)
+
+    def _check_moments(self, groups: list[LayerGroup]) -> None:
+        """Refuse optimizer state a rescaling cannot transfer exactly, before anything is modified."""
+        if not self.transfers_moments or self.optimizer is None or self._rule is None:
+            return
+        for g in groups:
+            for f in g.factors:
+                moment_tensors(self.optimizer, self._rule, f.lora_A)
+                moment_tensors(self.optimizer, self._rule, f.lora_B)
 
     # ------------------------------------------------------------------ state
     def config(self) -> dict:

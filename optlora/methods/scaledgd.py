@@ -23,19 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from optlora.functional import RANK_TOL
-from optlora.method import LayerGroup, LoRAMethod
-
-
-def _inverse_gram(gram: torch.Tensor, rank_tol: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched inverse of SPD r x r Grams through ``eigh``; ``ok`` False (and I returned) if rank deficient."""
-    ok = torch.isfinite(gram).flatten(1).all(1)
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device).expand_as(gram)
-    w, V = torch.linalg.eigh(torch.where(ok[:, None, None], 0.5 * (gram + gram.mT), eye))
-    ok = ok & (w[:, -1] > 0) & (w[:, 0] > rank_tol * w[:, -1])
-    w = torch.where(ok[:, None], w, torch.ones_like(w))
-    inv = (V / w[:, None, :]) @ V.mT
-    return torch.where(ok[:, None, None], inv, eye), ok
+from ..functional import RANK_TOL, scaledgd_precondition
+from .base import LoRAMethod
+from .layers import LayerGroup
 
 
 class ScaledGD(LoRAMethod):
@@ -58,26 +48,16 @@ class ScaledGD(LoRAMethod):
         )
 
     def _plan(self, group: LayerGroup) -> dict[str, torch.Tensor]:
-        dt = self.compute_dtype
-        A, B = group.stack("A", dt), group.stack("B", dt)  # (L, r, in), (L, out, r)
-        gA, gB = group.stack("gA", dt), group.stack("gB", dt)
-        finite = self._finite(A, B, gA, gB)
-        s = group.scalings(dt)[:, None, None]
-        inv_gram_B, ok_B = _inverse_gram(s * (B.mT @ B), self.rank_tol)  # (B_eff^T B_eff)^{-1}
-        inv_gram_A, ok_A = _inverse_gram(s * (A @ A.mT), self.rank_tol)  # (A_eff^T A_eff)^{-1}
-        ok = finite & ok_A & ok_B
-        keep = ok[:, None, None]
-        return {
-            "finite": finite,
-            "ok": ok,
-            "gA": torch.where(keep, inv_gram_B @ gA, gA),  # PEFT: (dA Gb^{-1})^T = Gb^{-1} lora_A.grad
-            "gB": torch.where(keep, gB @ inv_gram_A, gB),
-        }
+        st = group.factors_and_grads(self.compute_dtype)
+        s = group.scalings(self.compute_dtype)[:, None, None]
+        gram_A, gram_B = group.factor_grams(st)
+        # Grams of the effective factors A_eff = sqrt(s) lora_A^T, B_eff = sqrt(s) lora_B
+        grad_A, grad_B, ok = scaledgd_precondition(st.gA, st.gB, s * gram_A, s * gram_B, self.rank_tol)
+        ok = ok & st.finite
+        return {"finite": st.finite, "ok": ok, "gA": grad_A, "gB": grad_B}
 
     def _apply(self, group: LayerGroup, plan: dict[str, torch.Tensor]) -> None:
-        for i, f in enumerate(group.factors):
-            f.lora_A.grad.copy_(plan["gA"][i])
-            f.lora_B.grad.copy_(plan["gB"][i])
+        group.set_gradients_(plan["gA"], plan["gB"])
 
     def config(self) -> dict:
         return {**super().config(), "rank_tol": self.rank_tol}

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import torch
 
-from . import merge
-from .functional import scalora_scalings
-from .method import LayerGroup, LoRAMethod
+from .. import merge
+from ..functional import chain_rule_rescaling, scalora_merge_coefficient, scalora_scalings
+from .base import LoRAMethod
+from .layers import LayerGroup
 
 
 class ScaLoRA(LoRAMethod):
@@ -99,28 +100,9 @@ class ScaLoRA(LoRAMethod):
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
 
-    def _grams(self, group: LayerGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Grams of ``S^A``, ``S^B`` in effective coordinates, and per-layer finiteness."""
-        dt = self.compute_dtype
-        XA = group.pair("A", "gA", dt, dim=1)  # (L, 2r, in)  = [lora_A; lora_A.grad]     = S^A^T (raw)
-        XB = group.pair("gB", "B", dt, dim=2)  # (L, out, 2r) = [lora_B.grad, lora_B]     = S^B   (raw)
-        gram_SA, gram_SB = XA @ XA.mT, XB.mT @ XB
-        # a Gram diagonal entry is a row's sum of squares: finite iff the row is (float64 cannot overflow
-        # on float32/bfloat16 values); in float32 compute, check the factors themselves
-        if dt == torch.float64:
-            finite = torch.isfinite(gram_SA.diagonal(dim1=1, dim2=2).sum(1) + gram_SB.diagonal(dim1=1, dim2=2).sum(1))
-        else:
-            finite = self._finite(XA, XB)
-        # effective factors A_eff = sqrt(s) lora_A^T, B_eff = sqrt(s) lora_B: scale the factor blocks of the Grams
-        L, r = XA.shape[0], XA.shape[1] // 2
-        root_s = group.scalings(dt).sqrt()[:, None].expand(L, r)
-        ones = torch.ones_like(root_s)
-        dA, dB = torch.cat([root_s, ones], 1), torch.cat([ones, root_s], 1)
-        return gram_SA * (dA[:, :, None] * dA[:, None, :]), gram_SB * (dB[:, :, None] * dB[:, None, :]), finite
-
     def _plan_all(self, groups: list[LayerGroup]) -> list[dict[str, torch.Tensor]]:
         """Grams per group; the 2r x 2r closed forms once for all groups of the same rank (fewer kernels)."""
-        grams = [self._grams(g) for g in groups]
+        grams = [g.pair_grams(self.compute_dtype) for g in groups]
         plans: list = [None] * len(groups)
         buckets: dict[tuple, list[int]] = {}
         for i, (gram_SA, _, _) in enumerate(grams):
@@ -143,21 +125,10 @@ class ScaLoRA(LoRAMethod):
     def _apply(self, group: LayerGroup, plan: dict[str, torch.Tensor]) -> None:
         alpha, beta = plan["alpha"], plan["beta"]
         # float32 at least: rounding 1 - alpha*beta to bf16 would change the model's function at the merge
-        coeff = (1.0 - alpha * beta).to(torch.promote_types(group.factors[0].lora_B.dtype, torch.float32))
-        for i, f in enumerate(group.factors):
-            w = f.base_weight
-            merge.merge_low_rank_(
-                w.data,
-                f.lora_B.detach(),
-                f.lora_A.detach(),
-                coeff[i],
-                f.scaling,
-                fan_in_fan_out=f.fan_in_fan_out,
-                mode=self.merge_precision,
-                buffer=self.buffers.get(f.name),
-                generator=self._generator(w.device),
-            )
-        self._rescale_group_(group, alpha, beta)
+        work = torch.promote_types(group.factors[0].lora_B.dtype, torch.float32)
+        coeff = scalora_merge_coefficient(alpha, beta).to(work)
+        group.merge_(coeff, mode=self.merge_precision, buffers=self.buffers, generator=self._generator)
+        self._rescale_group_(group, chain_rule_rescaling(alpha, beta))
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

@@ -1,0 +1,69 @@
+"""``optlora export``: a trained checkpoint as the full merged model or a compressed PEFT LoRA adapter.
+
+The command line of :mod:`optlora.export` (which holds the library code).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+from .export import _dtype_kw, export_adapter, export_merged, load_trained
+
+_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="export a trained checkpoint: full merged model or a compressed PEFT LoRA adapter",
+        description="Export a trained checkpoint: the full merged model, or its update as a small standard PEFT LoRA adapter. Uses the PEFT adapter and optlora_state.pt of a Trainer checkpoint.",
+    )
+    p.add_argument("--checkpoint", default=None, help="checkpoint folder (PEFT adapter [+ optlora_state.pt])")
+    p.add_argument("--base", default=None, help="original pretrained model: hub id or local path")
+    p.add_argument("--out", default=None, help="output folder")
+    p.add_argument(
+        "--format",
+        choices=("merged", "adapter"),
+        default="merged",
+        help="merged: full model (safetensors); adapter: W_now - W_pretrained as a LoRA adapter by truncated SVD",
+    )
+    p.add_argument("--rank", type=int, default=None, help="adapter rank (with --tol: the per-layer cap)")
+    p.add_argument("--tol", type=float, default=None, help="per-layer relative Frobenius error target (adapter)")
+    p.add_argument("--task", default=None, help="PEFT task type (CAUSAL_LM, SEQ_CLS, ...); default from the adapter")
+    p.add_argument("--dtype", choices=tuple(_DTYPES), default="auto", help="dtype to load the base model in")
+    p.add_argument("--report-json", default=None, help="also write the adapter export report to this JSON file")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    missing = [o for o in ("checkpoint", "base", "out") if getattr(args, o, None) is None]
+    if missing:
+        print("optlora export: missing " + ", ".join(f"--{m}" for m in missing), file=sys.stderr)
+        return 2
+    if args.format == "adapter" and args.rank is None and args.tol is None:
+        print("optlora export: --format adapter needs --rank and/or --tol", file=sys.stderr)
+        return 2
+    dtype = _DTYPES[args.dtype]
+    model, auto = load_trained(args.checkpoint, args.base, task=args.task, dtype=dtype)
+    tokenizer = None
+    if os.path.isfile(os.path.join(args.checkpoint, "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    if args.format == "merged":
+        path = export_merged(model, args.out, tokenizer=tokenizer, inplace=True)
+        print(f"wrote the merged model to {path}")
+        return 0
+    base = auto.from_pretrained(args.base, **_dtype_kw(dtype))
+    report = export_adapter(model, base, args.out, rank=args.rank, tol=args.tol)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.out)
+    print(report.summary())
+    if args.report_json:
+        with open(args.report_json, "w") as fh:
+            json.dump(report.to_json(), fh, indent=1)
+    return 0

@@ -1,0 +1,213 @@
+"""Layer groups: the one place where a method reads and writes LoRA factors, gradients, moments and base weights.
+
+A :class:`LayerGroup` holds adapters of the same shape, dtype and device, so that every
+closed form runs once per group on stacked ``(L, ...)`` tensors. Methods never touch a
+parameter directly: they ask a group for its Grams / norms / gradients (*read*), compute
+their closed forms with :mod:`optlora.functional`, and hand the result back (*write*:
+new gradients, a chain-rule rescaling, a merge). This is the seam where a sharded engine
+plugs in: a group whose tensors live in shards computes the same reads from its shards plus
+one reduction, and writes into its own shards.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import NamedTuple
+
+import torch
+
+from .. import merge
+from ..discovery import LoRAFactors
+from ..functional import Rescaling
+from ..optimizer_state import moment_tensors
+
+_GET = {
+    "A": lambda f: f.lora_A,
+    "B": lambda f: f.lora_B,
+    "gA": lambda f: f.lora_A.grad,
+    "gB": lambda f: f.lora_B.grad,
+}
+
+
+class Stacked(NamedTuple):
+    """One group's factors and gradients, stacked ``(L, ...)`` in the compute dtype (PEFT layout)."""
+
+    A: torch.Tensor  # lora_A, (L, r, in)
+    B: torch.Tensor  # lora_B, (L, out, r)
+    gA: torch.Tensor
+    gB: torch.Tensor
+    finite: torch.Tensor  # (L,) bool
+
+
+def finite_rows(*stacked: torch.Tensor) -> torch.Tensor:
+    """Per-layer finiteness of stacked ``(L, ...)`` tensors.
+
+    One float64 sum per tensor instead of an elementwise ``isfinite`` (five kernels): a sum
+    is NaN/Inf iff an element is, as float64 sums of float32/bfloat16 values cannot overflow.
+    """
+    sums = torch.stack([t.flatten(1).sum(1, dtype=torch.float64) for t in stacked])
+    return torch.isfinite(sums).all(0)
+
+
+class LayerGroup:
+    """Same-shape, same-dtype, same-device adapters, processed as one batch."""
+
+    def __init__(self, factors: list[LoRAFactors]):
+        self.factors = factors
+
+    def __len__(self) -> int:
+        return len(self.factors)
+
+    @property
+    def rank(self) -> int:
+        return self.factors[0].rank
+
+    # ------------------------------------------------------------------ read
+    def stack(self, what: str, dtype: torch.dtype) -> torch.Tensor:
+        """``what`` in {"A", "B", "gA", "gB"}: stacked (L, ...) copy in ``dtype``."""
+        return torch.stack([_GET[what](f).detach() for f in self.factors]).to(dtype)
+
+    def pair(self, first: str, second: str, dtype: torch.dtype, dim: int) -> torch.Tensor:
+        """``[first_l, second_l]`` concatenated along ``dim`` (1: rows, 2: columns) for every layer ``l``.
+
+        (L, 2a, b) or (L, a, 2b) in ``dtype``, built with one stack and one converting copy
+        (instead of two stacks, two conversions and a ``cat``).
+        """
+        L = len(self.factors)
+        X = torch.stack(
+            [_GET[first](f).detach() for f in self.factors] + [_GET[second](f).detach() for f in self.factors]
+        )
+        X = X.view(2, L, *X.shape[1:])
+        a, b = X.shape[2:]
+        if dim == 1:
+            return torch.empty(L, 2, a, b, dtype=dtype, device=X.device).copy_(X.transpose(0, 1)).view(L, 2 * a, b)
+        return torch.empty(L, a, 2, b, dtype=dtype, device=X.device).copy_(X.permute(1, 2, 0, 3)).view(L, a, 2 * b)
+
+    def scalings(self, dtype: torch.dtype) -> torch.Tensor:
+        """PEFT scales as an (L,) tensor; cached (no host-to-device copy per step) until a scale changes."""
+        key = (dtype, tuple(f.scaling for f in self.factors))
+        if getattr(self, "_scalings_key", None) != key:
+            self._scalings = torch.tensor(key[1], dtype=dtype, device=self.factors[0].lora_A.device)
+            self._scalings_key = key
+        return self._scalings
+
+    def factors_and_grads(self, dtype: torch.dtype) -> Stacked:
+        """``lora_A, lora_B, lora_A.grad, lora_B.grad`` stacked in ``dtype``, and per-layer finiteness."""
+        A, B = self.stack("A", dtype), self.stack("B", dtype)  # (L, r, in), (L, out, r)
+        gA, gB = self.stack("gA", dtype), self.stack("gB", dtype)
+        return Stacked(A, B, gA, gB, finite_rows(A, B, gA, gB))
+
+    def factor_grams(self, stacked: Stacked) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A^T A = lora_A lora_A^T`` and ``B^T B = lora_B^T lora_B`` (r x r each, per layer)."""
+        return stacked.A @ stacked.A.mT, stacked.B.mT @ stacked.B
+
+    def factor_sqnorms(self, stacked: Stacked) -> tuple[torch.Tensor, torch.Tensor]:
+        """``||A||_F^2`` and ``||B||_F^2`` per layer."""
+        return stacked.A.square().sum((1, 2)), stacked.B.square().sum((1, 2))
+
+    def pair_grams(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Grams of ``S^A = [A, dA]``, ``S^B = [dB, B]`` in effective coordinates, and per-layer finiteness.
+
+        Effective factors absorb the PEFT scale ``s`` into both: ``A_eff = sqrt(s) lora_A^T``,
+        ``B_eff = sqrt(s) lora_B`` (ScaLoRA Theorems 3/5 are stated for ``W = W_pt + A B^T``).
+        """
+        XA = self.pair("A", "gA", dtype, dim=1)  # (L, 2r, in)  = [lora_A; lora_A.grad] = S^A^T (raw)
+        XB = self.pair("gB", "B", dtype, dim=2)  # (L, out, 2r) = [lora_B.grad, lora_B] = S^B   (raw)
+        gram_SA, gram_SB = XA @ XA.mT, XB.mT @ XB
+        # a Gram diagonal entry is a row's sum of squares: finite iff the row is (float64 cannot overflow
+        # on float32/bfloat16 values); in float32 compute, check the factors themselves
+        if dtype == torch.float64:
+            finite = torch.isfinite(gram_SA.diagonal(dim1=1, dim2=2).sum(1) + gram_SB.diagonal(dim1=1, dim2=2).sum(1))
+        else:
+            finite = finite_rows(XA, XB)
+        L, r = XA.shape[0], XA.shape[1] // 2
+        root_s = self.scalings(dtype).sqrt()[:, None].expand(L, r)
+        ones = torch.ones_like(root_s)
+        dA, dB = torch.cat([root_s, ones], 1), torch.cat([ones, root_s], 1)
+        return gram_SA * (dA[:, :, None] * dA[:, None, :]), gram_SB * (dB[:, :, None] * dB[:, None, :]), finite
+
+    # ------------------------------------------------------------------ write
+    def set_gradients_(self, grad_A: torch.Tensor, grad_B: torch.Tensor) -> None:
+        """Overwrite every adapter's ``lora_A.grad`` / ``lora_B.grad`` with the stacked ``(L, ...)`` tensors."""
+        grads = [f.lora_A.grad for f in self.factors] + [f.lora_B.grad for f in self.factors]
+        torch._foreach_copy_(grads, [*grad_A.unbind(0), *grad_B.unbind(0)])
+
+    def rescale_(
+        self,
+        rescaling: Rescaling,
+        optimizer: torch.optim.Optimizer | None = None,
+        rule: dict[str, int] | None = None,
+        *,
+        full_scales: bool = False,
+    ) -> None:
+        """Apply a chain-rule rescaling (:func:`optlora.functional.chain_rule_rescaling`) to the whole group.
+
+        Factors, gradients and (with ``optimizer`` and its moment ``rule``) the moments are
+        multiplied in one ``torch._foreach_mul_``. Scales stay in float32 or better, so
+        half-precision storage is rounded once. ``full_scales`` materialises the per-layer scales
+        to full shape so that the multi-tensor CUDA fast path applies (float32 tensors).
+        """
+        cast: dict[tuple, torch.Tensor] = {}
+        first = self.factors[0]
+        shape_A, shape_B = (len(self.factors), *first.lora_A.shape), (len(self.factors), *first.lora_B.shape)
+        by_name = rescaling._asdict()
+
+        def scale(which: str, dtype: torch.dtype, power: int = 1) -> torch.Tensor:
+            key = (which, dtype, power)
+            if key not in cast:
+                row = which in ("lora_A", "grad_A")  # lora_A is r x in: the rank index is its row
+                t = by_name[which].to(torch.promote_types(dtype, torch.float32))
+                t = t if power == 1 else t**power
+                t = t[:, :, None] if row else t[:, None, :]
+                cast[key] = t.expand(shape_A if row else shape_B).contiguous() if full_scales else t
+            return cast[key]
+
+        tensors, scales = [], []
+        for i, f in enumerate(self.factors):
+            for t, which in (
+                (f.lora_A, "lora_A"),
+                (f.lora_B, "lora_B"),
+                (f.lora_A.grad, "grad_A"),
+                (f.lora_B.grad, "grad_B"),
+            ):
+                tensors.append(t)
+                scales.append(scale(which, t.dtype)[i])
+            if optimizer is None or rule is None:
+                continue
+            for p, which in ((f.lora_A, "grad_A"), (f.lora_B, "grad_B")):
+                for t, power in moment_tensors(optimizer, rule, p):
+                    tensors.append(t)
+                    scales.append(scale(which, t.dtype, power)[i])
+        torch._foreach_mul_(tensors, scales)
+
+    def merge_(
+        self,
+        coeff: torch.Tensor,
+        *,
+        mode: str,
+        buffers: dict[str, torch.Tensor],
+        generator,
+    ) -> None:
+        """``W_l += s_l lora_B_l diag(coeff_l) lora_A_l`` into every adapter's base weight (ScaLoRA Sec. 3.1)."""
+        for i, f in enumerate(self.factors):
+            w = f.base_weight
+            merge.merge_low_rank_(
+                w.data,
+                f.lora_B.detach(),
+                f.lora_A.detach(),
+                coeff[i],
+                f.scaling,
+                fan_in_fan_out=f.fan_in_fan_out,
+                mode=mode,
+                buffer=buffers.get(f.name),
+                generator=generator(w.device),
+            )
+
+
+def group_factors(factors: list[LoRAFactors]) -> list[LayerGroup]:
+    """Partition adapters into groups of the same device, dtypes and shapes (order kept)."""
+    groups: dict[tuple, list[LoRAFactors]] = defaultdict(list)
+    for f in factors:
+        key = (f.lora_A.device, f.lora_A.dtype, f.lora_B.dtype, tuple(f.lora_A.shape), tuple(f.lora_B.shape))
+        groups[key].append(f)
+    return [LayerGroup(v) for v in groups.values()]

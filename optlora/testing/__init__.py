@@ -1,0 +1,7 @@
+"""Testing utilities shipped with optlora (like ``torch.testing``): they need numpy and, for models, transformers.
+
+* :mod:`.reference` -- an independent float64 numpy implementation of every formula, written
+  from the papers without importing optlora: the oracle of the test-suite and the benchmarks;
+* :mod:`.parity` -- one optimizer step of a method on a real PEFT model against that reference;
+* :mod:`.models` -- the one builder of small models and tokenizers from configs (nothing downloaded).
+"""
