@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 
 from .. import merge
-from ..functional import chain_rule_rescaling, scalora_merge_coefficient, scalora_scalings
+from ..functional import chain_rule_rescaling, scalora_merge_coefficient, scalora_merge_growth, scalora_scalings
+from . import guards
 from .base import LoRAMethod
 from .layers import LayerGroup
 
@@ -58,6 +59,11 @@ class ScaLoRA(LoRAMethod):
     name = "scalora"
     transfers_moments = True
     merges = True
+    #: a layer is skipped when its merge's first-order rounding-error bound, relative to the function's
+    #: scale, exceeds this many units of float32 rounding (of the weight's dtype if coarser): the growth
+    #: :func:`optlora.functional.scalora_merge_growth` may reach ``32`` for float32/bfloat16/float16 weights
+    #: (it is 1-3 at kappa=1 on MiniLM and a small Llama) and ``32 * u_float32 / u_float64`` for float64
+    merge_rounding_limit = 32.0
 
     def __init__(
         self,
@@ -71,8 +77,8 @@ class ScaLoRA(LoRAMethod):
         seed: int = 0,
         **kwargs,
     ):
-        if not (isinstance(kappa, (int, float)) and kappa > 0 and kappa == kappa and kappa != float("inf")):
-            raise ValueError(f"kappa must be a positive finite number, got {kappa!r}")
+        kappa = guards.check_kappa(kappa)
+        seed = guards.check_int("seed", seed, 0)
         if mode not in ("hybrid", "column", "scalar"):
             raise ValueError(f"mode must be 'hybrid', 'column' or 'scalar', got {mode!r}")
         merge.resolve_mode(merge_precision, torch.float32)  # validates the name
@@ -101,32 +107,77 @@ class ScaLoRA(LoRAMethod):
         return self._generators[device]
 
     def _plan_all(self, groups: list[LayerGroup]) -> list[dict[str, torch.Tensor]]:
-        """Grams per group; the 2r x 2r closed forms once for all groups of the same rank (fewer kernels)."""
+        """Grams per group; the 2r x 2r closed forms once for all groups of the same rank (fewer kernels).
+
+        A layer is applied only where the scalings exist (``ok``) and its step stays in range
+        (``in_range``): the rescaled factors, gradients and moments are finite and the merge keeps
+        the model's function to rounding (:meth:`_merge_in_range`). Elsewhere ``alpha = beta = 1``.
+        """
         grams = [g.pair_grams(self.compute_dtype) for g in groups]
         plans: list = [None] * len(groups)
         buckets: dict[tuple, list[int]] = {}
-        for i, (gram_SA, _, _) in enumerate(grams):
-            buckets.setdefault((gram_SA.shape[-1], gram_SA.device), []).append(i)
+        for i, pg in enumerate(grams):
+            buckets.setdefault((pg.gram_SA.shape[-1], pg.gram_SA.device), []).append(i)
         for idx in buckets.values():
-            gram_SA = torch.cat([grams[i][0] for i in idx])
-            gram_SB = torch.cat([grams[i][1] for i in idx])
-            finite = torch.cat([grams[i][2] for i in idx])
+            gram_SA = torch.cat([grams[i].gram_SA for i in idx])
+            gram_SB = torch.cat([grams[i].gram_SB for i in idx])
+            finite = torch.cat([grams[i].finite for i in idx])
             sc = scalora_scalings(gram_SA, gram_SB, self.kappa, self.mode)
             ok = sc.ok & finite
             one = torch.ones_like(sc.alpha)
             alpha = torch.where(ok[:, None], sc.alpha, one)
             beta = torch.where(ok[:, None], sc.beta, one)
-            column = sc.column & ok
-            sizes = [grams[i][2].shape[0] for i in idx]
-            for i, *parts in zip(idx, *(t.split(sizes) for t in (finite, ok, column, alpha, beta))):
+            sizes = [grams[i].finite.shape[0] for i in idx]
+            for i, *parts in zip(idx, *(t.split(sizes) for t in (finite, ok, sc.column, alpha, beta))):
                 plans[i] = dict(zip(("finite", "ok", "column", "alpha", "beta"), parts))
+        for g, pg, plan in zip(groups, grams, plans):
+            r = g.rank
+            rows = {"lora_A": pg.amax_SA[:, :r], "grad_A": pg.amax_SA[:, r:], "grad_B": pg.amax_SB[:, :r]}
+            rows["lora_B"] = pg.amax_SB[:, r:]
+            in_range = self._rescaling_in_range(g, plan["alpha"], plan["beta"], rows)
+            plan["in_range"] = in_range & self._merge_in_range(g, pg, plan["alpha"], plan["beta"])
+            plan["ok"] = plan["ok"] & plan["in_range"]
+            plan["column"] = plan["column"] & plan["ok"]
         return plans
+
+    def _merge_in_range(self, group: LayerGroup, pg, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """Per layer: the merge keeps the function to rounding and every intermediate is finite.
+
+        ``G = scalora_merge_growth(...) <= max_merge_growth(dtype)`` (the merge enlarges the function's
+        rounding error by at most that factor), ``1 - alpha beta`` finite, the thin factor
+        ``lora_B diag(1 - alpha beta)`` finite in the merge's working dtype, the merged weight
+        finite in the weight's dtype. Reads ``||W||_F`` of every base weight (one fused reduction).
+        """
+        r = group.rank
+        f = group.factors[0]
+        coeff = scalora_merge_coefficient(alpha, beta)
+        gram_A, gram_B = pg.gram_SA[:, :r, :r], pg.gram_SB[:, r:, r:]
+        weight_norm = group.weight_norms().to(gram_A.dtype)
+        growth = scalora_merge_growth(gram_A, gram_B, alpha, beta, weight_norm)
+        before = weight_norm + (gram_A * gram_B).sum((-2, -1)).clamp_min(0).sqrt()
+        work = torch.promote_types(torch.promote_types(f.lora_B.dtype, f.base_weight.dtype), torch.float32)
+        thin = guards.fits(pg.amax_SB[:, r:].double() * coeff.double().abs(), work).all(-1)
+        merged = guards.fits((growth * before).double(), f.base_weight.dtype)
+        return torch.isfinite(coeff).all(-1) & (growth <= self.max_merge_growth(f.base_weight.dtype)) & thin & merged
+
+    def max_merge_growth(self, weight_dtype: torch.dtype) -> float:
+        """The largest merge growth ``G`` accepted for weights of ``weight_dtype`` (see :attr:`merge_rounding_limit`)."""
+        eps32, eps = torch.finfo(torch.float32).eps, torch.finfo(weight_dtype).eps
+        return self.merge_rounding_limit * max(1.0, eps32 / eps)
+
+    def _range_advice(self) -> str:
+        return (
+            f"With kappa={self.kappa:g} the rescaled adapter may be far larger than the base weights; the merge's "
+            f"rounding error grows with kappa (limit: {self.merge_rounding_limit:g} units of float32 rounding). "
+            "Try a smaller kappa."
+        )
 
     def _apply(self, group: LayerGroup, plan: dict[str, torch.Tensor]) -> None:
         alpha, beta = plan["alpha"], plan["beta"]
-        # float32 at least: rounding 1 - alpha*beta to bf16 would change the model's function at the merge
-        work = torch.promote_types(group.factors[0].lora_B.dtype, torch.float32)
-        coeff = scalora_merge_coefficient(alpha, beta).to(work)
+        # in the compute dtype: merge_low_rank_ forms lora_B * (1 - alpha*beta) in the wider of it and
+        # float32, so neither bf16 rounding of the coefficient nor a float32 overflow of it (tiny factors:
+        # alpha*beta > 3e38 while lora_B * coefficient is moderate) can change the model's function
+        coeff = scalora_merge_coefficient(alpha, beta)
         group.merge_(coeff, mode=self.merge_precision, buffers=self.buffers, generator=self._generator)
         self._rescale_group_(group, chain_rule_rescaling(alpha, beta))
 
