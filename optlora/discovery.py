@@ -94,6 +94,49 @@ def _check_mergeable(f: LoRAFactors) -> str | None:
     return None
 
 
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """``[start, end)`` of the bytes ``t`` can touch in its storage."""
+    size = t.element_size()
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else -1
+    return t.storage_offset() * size, (t.storage_offset() + last + 1) * size
+
+
+def shared_base_weights(model: nn.Module, factors: list[LoRAFactors]) -> dict[str, list[str]]:
+    """Adapters whose base weight shares memory with a tensor of another module, and who shares it.
+
+    Tied weights (``tie_word_embeddings``: ``lm_head.weight is embed_tokens.weight``) or one
+    ``nn.Linear`` registered under two names: merging into such a weight (ScaLoRA) also changes
+    the other module. Adapters of the same LoRA layer share their base weight legitimately.
+    """
+    owners: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
+    paths: dict[int, list[str]] = {}  # a module reused under several names (shared layers) has several paths
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(mod_name)
+        for kind in (module.named_parameters(recurse=False), module.named_buffers(recurse=False)):
+            for name, t in kind:
+                if t is None or t.device.type == "meta" or t.untyped_storage().nbytes() == 0:
+                    continue
+                key = (t.device, t.untyped_storage().data_ptr())
+                owners.setdefault(key, []).append((f"{mod_name}.{name}" if mod_name else name, t))
+    out: dict[str, list[str]] = {}
+    for f in factors:
+        w = f.base_weight
+        if w.device.type == "meta":
+            continue
+        own = [f"{p}." if p else "" for p in paths.get(id(f.module), [])]
+        lo, hi = _byte_range(w)
+        others = []
+        for name, t in owners.get((w.device, w.untyped_storage().data_ptr()), []):
+            a, b = _byte_range(t)
+            # this LoRA layer's own base layer (through ``base_layer``, possibly nested) is not a share
+            mine = any(name.startswith(o) and set(name[len(o) :].split(".")[:-1]) <= {"base_layer"} for o in own)
+            if a < hi and lo < b and not mine:
+                others.append(name)
+        if others:
+            out[f.name] = others
+    return out
+
+
 def find_lora_factors(
     model: nn.Module, *, mergeable: bool = False, skip_unsupported: bool = False
 ) -> list[LoRAFactors]:
@@ -125,6 +168,14 @@ def find_lora_factors(
                 found.append(f)
             else:
                 problems.append(f"{name}: {reason}")
+    if mergeable:
+        for name, others in shared_base_weights(model, found).items():
+            found = [f for f in found if f.name != name]
+            problems.append(
+                f"{name}: its base weight is shared with {', '.join(others[:3])} (tied weights, e.g. "
+                "tie_word_embeddings=True): merging into it would also change that module. Untie the weights, "
+                "leave this layer out of target_modules, or use RefLoRA (it never modifies base weights)"
+            )
     if problems:
         msg = f"unsupported LoRA layer(s); optlora supports {SUPPORTED}:\n  " + "\n  ".join(problems)
         if not skip_unsupported:
