@@ -112,8 +112,9 @@ def amax(tensors: list[torch.Tensor]) -> torch.Tensor:
 def nonfinite_layers(factors) -> list[str]:
     """Names of the adapters whose ``lora_A``/``lora_B`` or their gradients hold NaN/Inf.
 
-    One fused max-abs reduction over all of them and one device sync (NaN propagates through
-    the maximum; Inf is its own maximum).
+    Fast path: one fused 1-norm per device and dtype (accumulated in float32 or better; NaN and
+    +-Inf make it non-finite) and one device sync. Only if that is not finite (a NaN/Inf, or a
+    1-norm that overflowed on huge finite values) the exact max-abs check names the layers.
     """
     tensors, owner = [], []
     for f in factors:
@@ -123,9 +124,16 @@ def nonfinite_layers(factors) -> list[str]:
                 owner.append(f.name)
     if not tensors:
         return []
-    finite = torch.isfinite(amax(tensors))
-    if bool(finite.all()):  # the one sync
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    sums = [
+        torch.stack(torch._foreach_norm(ts, 1, dtype=torch.promote_types(dtype, torch.float32))).isfinite().all()
+        for (_, dtype), ts in groups.items()
+    ]
+    if all(bool(ok) for ok in sums):  # the one sync (one per device and dtype)
         return []
+    finite = torch.isfinite(amax(tensors))
     return list(dict.fromkeys(n for n, ok in zip(owner, finite.tolist()) if not ok))
 
 

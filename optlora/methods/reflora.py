@@ -131,7 +131,9 @@ class RefLoRA(LoRAMethod):
 
     def _apply(self, group: LayerGroup, plan: dict[str, torch.Tensor]) -> None:
         if self.scalar:
-            s = torch.where(plan["ok"], plan["s"], torch.ones_like(plan["s"]))
+            # float64 scalings (exact inverses to float64 rounding) whatever the compute dtype: sqrt(s) and
+            # 1/sqrt(s) rounded separately in float32 would change float64 weights by float32 rounding
+            s = torch.where(plan["ok"], plan["s"], torch.ones_like(plan["s"])).double()
             self._rescale_group_(group, chain_rule_rescaling(*reflora_s_factor_scalings(s, group.rank)))
             return
         group.set_gradients_(plan["gA"], plan["gB"])

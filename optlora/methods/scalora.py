@@ -59,11 +59,13 @@ class ScaLoRA(LoRAMethod):
     name = "scalora"
     transfers_moments = True
     merges = True
-    #: a layer is skipped when its merge's first-order rounding-error bound, relative to the function's
-    #: scale, exceeds this many units of float32 rounding (of the weight's dtype if coarser): the growth
-    #: :func:`optlora.functional.scalora_merge_growth` may reach ``32`` for float32/bfloat16/float16 weights
-    #: (it is 1-3 at kappa=1 on MiniLM and a small Llama) and ``32 * u_float32 / u_float64`` for float64
-    merge_rounding_limit = 32.0
+    #: a layer is skipped when its merge would enlarge the first-order rounding-error bound of its function
+    #: by more than G_max = max(merge_f32_units * u_float32 / u_weight, merge_growth_half)
+    #: (:func:`optlora.functional.scalora_merge_growth`): 32 units of float32 rounding for float32/float64
+    #: weights, 4x the weight's own rounding for bfloat16/float16. Measured G: 1.0-1.15 at kappa=1 and at
+    #: most 2.6 at kappa=10 on SmolLM2-135M; up to ~25 at kappa=10 on small random Llamas (docs/RELIABILITY.md)
+    merge_f32_units = 32.0
+    merge_growth_half = 4.0
 
     def __init__(
         self,
@@ -161,23 +163,24 @@ class ScaLoRA(LoRAMethod):
         return torch.isfinite(coeff).all(-1) & (growth <= self.max_merge_growth(f.base_weight.dtype)) & thin & merged
 
     def max_merge_growth(self, weight_dtype: torch.dtype) -> float:
-        """The largest merge growth ``G`` accepted for weights of ``weight_dtype`` (see :attr:`merge_rounding_limit`)."""
+        """The largest merge growth ``G`` accepted for base weights of ``weight_dtype`` (see :attr:`merge_f32_units`)."""
         eps32, eps = torch.finfo(torch.float32).eps, torch.finfo(weight_dtype).eps
-        return self.merge_rounding_limit * max(1.0, eps32 / eps)
+        return max(self.merge_f32_units * eps32 / eps, self.merge_growth_half)
 
     def _range_advice(self) -> str:
         return (
             f"With kappa={self.kappa:g} the rescaled adapter may be far larger than the base weights; the merge's "
-            f"rounding error grows with kappa (limit: {self.merge_rounding_limit:g} units of float32 rounding). "
+            "rounding error grows with kappa (limit: ScaLoRA.max_merge_growth(dtype), docs/RELIABILITY.md). "
             "Try a smaller kappa."
         )
 
     def _apply(self, group: LayerGroup, plan: dict[str, torch.Tensor]) -> None:
         alpha, beta = plan["alpha"], plan["beta"]
-        # in the compute dtype: merge_low_rank_ forms lora_B * (1 - alpha*beta) in the wider of it and
-        # float32, so neither bf16 rounding of the coefficient nor a float32 overflow of it (tiny factors:
-        # alpha*beta > 3e38 while lora_B * coefficient is moderate) can change the model's function
-        coeff = scalora_merge_coefficient(alpha, beta)
+        # in float64 from the scalings the rescale applies (a float32 compute dtype included): 1 - alpha*beta
+        # then matches alpha*beta to float64 rounding, and merge_low_rank_ forms lora_B * coefficient in
+        # float64 before a single rounding, so neither a bf16/float32 rounding nor a float32 overflow of the
+        # coefficient (tiny factors: alpha*beta > 3e38 while lora_B * coefficient is moderate) reaches the weight
+        coeff = scalora_merge_coefficient(alpha.double(), beta.double())
         group.merge_(coeff, mode=self.merge_precision, buffers=self.buffers, generator=self._generator)
         self._rescale_group_(group, chain_rule_rescaling(alpha, beta))
 
