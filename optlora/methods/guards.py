@@ -90,8 +90,8 @@ def refuse_merged_adapters(factors) -> None:
 def amax(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Largest absolute entry of each tensor (NaN if it holds a NaN) as float64 ``(len,)``.
 
-    One fused ``torch._foreach_norm(inf)`` per device and dtype (a maximum cannot overflow), one
-    stack and one cast per group: no per-tensor kernels.
+    Per device and dtype one fused reduction (a maximum cannot overflow), one stack and one cast:
+    no per-tensor kernels on CUDA.
     """
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(tensors):
@@ -99,8 +99,14 @@ def amax(tensors: list[torch.Tensor]) -> torch.Tensor:
     if not groups:
         return torch.zeros(0, dtype=torch.float64)
     parts, order = [], []
-    for idx in groups.values():
-        parts.append(torch.stack(torch._foreach_norm([tensors[i] for i in idx], math.inf)).to(torch.float64))
+    for (device, _), idx in groups.items():
+        ts = [tensors[i] for i in idx]
+        if device.type == "cpu":  # _foreach_norm(inf) is a slow per-tensor loop on CPU; aminmax is ~5x faster
+            lows, highs = zip(*(torch.aminmax(t) for t in ts))
+            top = torch.maximum(torch.stack(highs), -torch.stack(lows))
+        else:  # one fused max-abs kernel
+            top = torch.stack(torch._foreach_norm(ts, math.inf))
+        parts.append(top.to(torch.float64))
         order += idx
     device = parts[0].device
     values = torch.cat([part.to(device) for part in parts])
@@ -112,9 +118,8 @@ def amax(tensors: list[torch.Tensor]) -> torch.Tensor:
 def nonfinite_layers(factors) -> list[str]:
     """Names of the adapters whose ``lora_A``/``lora_B`` or their gradients hold NaN/Inf.
 
-    Fast path: one fused 1-norm per device and dtype (accumulated in float32 or better; NaN and
-    +-Inf make it non-finite) and one device sync. Only if that is not finite (a NaN/Inf, or a
-    1-norm that overflowed on huge finite values) the exact max-abs check names the layers.
+    One fused max-abs reduction per device and dtype (:func:`amax`; NaN propagates through the
+    maximum, Inf is its own maximum, a maximum cannot overflow) and one device sync.
     """
     tensors, owner = [], []
     for f in factors:
@@ -124,16 +129,9 @@ def nonfinite_layers(factors) -> list[str]:
                 owner.append(f.name)
     if not tensors:
         return []
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t)
-    sums = [
-        torch.stack(torch._foreach_norm(ts, 1, dtype=torch.promote_types(dtype, torch.float32))).isfinite().all()
-        for (_, dtype), ts in groups.items()
-    ]
-    if all(bool(ok) for ok in sums):  # the one sync (one per device and dtype)
-        return []
     finite = torch.isfinite(amax(tensors))
+    if bool(finite.all()):  # the one sync
+        return []
     return list(dict.fromkeys(n for n, ok in zip(owner, finite.tolist()) if not ok))
 
 
