@@ -113,7 +113,7 @@ class ScaLoRA(LoRAMethod):
 
         A layer is applied only where the scalings exist (``ok``) and its step stays in range
         (``in_range``): the rescaled factors, gradients and moments are finite and the merge keeps
-        the model's function to rounding (:meth:`_merge_in_range`). Elsewhere ``alpha = beta = 1``.
+        the model's function to rounding (:meth:`_merge_in_range`). Other layers are not touched.
         """
         grams = [g.pair_grams(self.compute_dtype) for g in groups]
         plans: list = [None] * len(groups)
@@ -147,8 +147,8 @@ class ScaLoRA(LoRAMethod):
 
         ``G = scalora_merge_growth(...) <= max_merge_growth(dtype)`` (the merge enlarges the function's
         rounding error by at most that factor), ``1 - alpha beta`` finite, the thin factor
-        ``lora_B diag(1 - alpha beta)`` finite in the merge's working dtype, the merged weight
-        finite in the weight's dtype. Reads ``||W||_F`` of every base weight (one fused reduction).
+        ``lora_B diag(1 - alpha beta)`` and every term of its product with ``lora_A`` finite in the merge's
+        working dtype, the merged weight finite in the weight's dtype. Reads ``||W||_F`` of every base weight (one fused reduction).
         """
         r = group.rank
         f = group.factors[0]
@@ -158,7 +158,11 @@ class ScaLoRA(LoRAMethod):
         growth = scalora_merge_growth(gram_A, gram_B, alpha, beta, weight_norm)
         before = weight_norm + (gram_A * gram_B).sum((-2, -1)).clamp_min(0).sqrt()
         work = torch.promote_types(torch.promote_types(f.lora_B.dtype, f.base_weight.dtype), torch.float32)
-        thin = guards.fits(pg.amax_SB[:, r:].double() * coeff.double().abs(), work).all(-1)
+        left = pg.amax_SB[:, r:].double() * coeff.double().abs()  # per column of lora_B diag(1 - alpha beta)
+        scaling = group.scalings(gram_A.dtype).double()[:, None]  # the cached compute-dtype tensor: no host copy
+        # every term of the merge's matmul (and so its partial sums) is at most s |B_ik c_k A_kj|
+        product = (scaling * left * pg.amax_SA[:, :r].double()).sum(-1)
+        thin = guards.fits(left, work).all(-1) & guards.fits(product, work)
         merged = guards.fits((growth * before).double(), f.base_weight.dtype)
         return torch.isfinite(coeff).all(-1) & (growth <= self.max_merge_growth(f.base_weight.dtype)) & thin & merged
 
