@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .distributed import is_dtensor
+
 SUPPORTED = "peft LoRA `Linear` layers (incl. fan_in_fan_out / GPT-2 Conv1D, rsLoRA, several adapters)"
 
 
@@ -85,7 +87,7 @@ def _unsupported_reason(module: nn.Module, adapter: str, linear_cls: type) -> st
 def _check_mergeable(f: LoRAFactors) -> str | None:
     base = f.module.get_base_layer()
     w = getattr(base, "weight", None)
-    if type(w) not in (torch.Tensor, nn.Parameter) or not w.is_floating_point():
+    if (type(w) not in (torch.Tensor, nn.Parameter) and not is_dtensor(w)) or not w.is_floating_point():
         return f"base layer {type(base).__name__} has no plain floating-point weight to merge into (quantised?)"
     expected = (f.lora_B.shape[0], f.lora_A.shape[1])
     shape = tuple(w.shape[::-1]) if f.fan_in_fan_out else tuple(w.shape)

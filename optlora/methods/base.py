@@ -14,7 +14,10 @@ hook runs three phases:
    optimizer moments (RefLoRA-S, ScaLoRA), merging into the base weight (ScaLoRA).
 
 Subclasses implement ``_plan`` (or ``_plan_all``) and ``_apply`` only; every read and write of a
-parameter goes through :class:`optlora.methods.layers.LayerGroup`.
+parameter goes through :class:`optlora.methods.layers.LayerGroup`. Under FSDP2 the groups are
+:class:`optlora.methods.sharded.ShardedLayerGroup`: before *plan*, one collective per step brings
+every rank the same Grams, norms, flags and ``lora_A`` rows (:func:`optlora.methods.sharded.exchange_`),
+so every decision above is taken identically on every rank.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from __future__ import annotations
 import torch
 
 from ..discovery import find_lora_factors
-from ..distributed import check_not_sharded
+from ..distributed import check_sharding, is_dtensor
 from ..optimizer_state import moment_tensors, require_moment_rule, unwrap_optimizer
-from .layers import LayerGroup, group_factors
+from .layers import LayerGroup
+from .sharded import exchange_, group_layers, release_
 
 _ATTACHED = "_optlora_method"
 
@@ -39,6 +43,8 @@ class LoRAMethod:
     merges = False
     #: materialise per-layer scales to full shape in ``_rescale_group_`` (None: on CUDA only)
     _full_scales: bool | None = None
+    #: what ``_plan`` reads per layer (``optlora.methods.sharded.READS``): sizes the FSDP2 exchange
+    reads = "grams"
 
     def __init__(
         self,
@@ -63,9 +69,9 @@ class LoRAMethod:
         self.interval = interval
         self.on_nonfinite = on_nonfinite
         self.compute_dtype = compute_dtype
-        check_not_sharded(model)  # FSDP / ZeRO-3: refuse with advice (optlora.distributed)
+        check_sharding(model)  # FSDP1 / ZeRO-3 / HSDP: refuse with advice (optlora.distributed)
         self.factors = find_lora_factors(model, mergeable=self.merges, skip_unsupported=skip_unsupported)
-        self._groups = group_factors(self.factors)
+        self._groups = group_layers(self.factors)
         self.optimizer: torch.optim.Optimizer | None = None
         self._rule: dict[str, int] | None = None
         self._handle = None
@@ -74,13 +80,19 @@ class LoRAMethod:
         self._last: dict[str, torch.Tensor] = {}  # device tensors from the last applied step
         self._last_names: list[str] = []  # the layers those tensors describe
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the model's LoRA parameters are FSDP2 shards (DTensors) now."""
+        return any(is_dtensor(f.lora_A) for f in self.factors)
+
     # ------------------------------------------------------------------ wiring
     def attach(self, optimizer) -> LoRAMethod:
         """Apply the method at every ``optimizer.step()`` from now on; returns ``self``."""
         if self._handle is not None:
             raise RuntimeError(f"{type(self).__name__} is already attached to an optimizer; call detach() first")
         opt = unwrap_optimizer(optimizer)
-        check_not_sharded(self.model, opt)  # the model may have been wrapped (FSDP) after construction
+        check_sharding(self.model, opt)  # the model may have been wrapped (FSDP) after construction
+        self._groups = group_layers(self.factors)  # ... e.g. sharded by fully_shard (FSDP2): DTensor groups
         other = getattr(opt, _ATTACHED, None)
         if other is not None and other is not self:
             raise RuntimeError(f"this optimizer already has {type(other).__name__} attached; detach it first")
@@ -130,17 +142,23 @@ class LoRAMethod:
         with torch.no_grad():
             # everything that can refuse the step runs before the first parameter is touched
             self._check_moments(groups)
-            plans = self._plan_all(groups)
-            if self.on_nonfinite == "raise" and not bool(torch.cat([p["finite"] for p in plans]).all()):  # one sync
-                bad = [f.name for g, p in zip(groups, plans) for f, o in zip(g.factors, p["finite"].tolist()) if not o]
-                raise RuntimeError(
-                    f"{type(self).__name__}: non-finite gradient or factor in {len(bad)} LoRA layer(s): "
-                    + ", ".join(bad[:5])
-                    + ". Nothing was modified. Use a GradScaler/clipping, lower the learning rate, or pass "
-                    "on_nonfinite='skip' to leave such layers to the plain optimizer step."
-                )
-            for g, p in zip(groups, plans):
-                self._apply(g, p)
+            exchange_(groups, self.compute_dtype, self.reads, self.merges)  # FSDP2: one collective; else nothing
+            try:
+                plans = self._plan_all(groups)
+                if self.on_nonfinite == "raise" and not bool(torch.cat([p["finite"] for p in plans]).all()):  # sync
+                    bad = [
+                        f.name for g, p in zip(groups, plans) for f, o in zip(g.factors, p["finite"].tolist()) if not o
+                    ]
+                    raise RuntimeError(
+                        f"{type(self).__name__}: non-finite gradient or factor in {len(bad)} LoRA layer(s): "
+                        + ", ".join(bad[:5])
+                        + ". Nothing was modified. Use a GradScaler/clipping, lower the learning rate, or pass "
+                        "on_nonfinite='skip' to leave such layers to the plain optimizer step."
+                    )
+                for g, p in zip(groups, plans):
+                    self._apply(g, p)
+            finally:
+                release_(groups)
         self.steps = step
         self.method_steps += 1
         self._last = {k: torch.cat([p[k] for p in plans]) for k in plans[0] if k in ("finite", "ok", "column")}
@@ -154,7 +172,7 @@ class LoRAMethod:
             if len(live) == len(g.factors):
                 out.append(g)
             elif live:
-                out.append(LayerGroup(live))
+                out.append(g.subset(live))
         return out
 
     def _plan(self, group: LayerGroup) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ import torch
 
 from .. import merge
 from ..discovery import LoRAFactors
+from ..distributed import is_dtensor
 from ..functional import Rescaling
 from ..optimizer_state import moment_tensors
 
@@ -57,6 +58,10 @@ class LayerGroup:
 
     def __len__(self) -> int:
         return len(self.factors)
+
+    def subset(self, factors: list[LoRAFactors]) -> LayerGroup:
+        """A group of the same kind holding only ``factors`` (e.g. the adapters that received a gradient)."""
+        return type(self)(factors)
 
     @property
     def rank(self) -> int:
@@ -120,11 +125,15 @@ class LayerGroup:
             finite = torch.isfinite(gram_SA.diagonal(dim1=1, dim2=2).sum(1) + gram_SB.diagonal(dim1=1, dim2=2).sum(1))
         else:
             finite = finite_rows(XA, XB)
-        L, r = XA.shape[0], XA.shape[1] // 2
-        root_s = self.scalings(dtype).sqrt()[:, None].expand(L, r)
+        return (*self.effective_pair_grams(gram_SA, gram_SB), finite)
+
+    def effective_pair_grams(self, gram_SA: torch.Tensor, gram_SB: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw pair Grams to effective coordinates: the blocks of ``lora_A`` and ``lora_B`` times ``sqrt(s)`` each."""
+        L, r = gram_SA.shape[0], gram_SA.shape[1] // 2
+        root_s = self.scalings(gram_SA.dtype).sqrt()[:, None].expand(L, r)
         ones = torch.ones_like(root_s)
         dA, dB = torch.cat([root_s, ones], 1), torch.cat([ones, root_s], 1)
-        return gram_SA * (dA[:, :, None] * dA[:, None, :]), gram_SB * (dB[:, :, None] * dB[:, None, :]), finite
+        return gram_SA * (dA[:, :, None] * dA[:, None, :]), gram_SB * (dB[:, :, None] * dB[:, None, :])
 
     # ------------------------------------------------------------------ write
     def set_gradients_(self, grad_A: torch.Tensor, grad_B: torch.Tensor) -> None:
@@ -147,6 +156,13 @@ class LayerGroup:
         half-precision storage is rounded once. ``full_scales`` materialises the per-layer scales
         to full shape so that the multi-tensor CUDA fast path applies (float32 tensors).
         """
+        tensors, scales = self._rescale_operands(rescaling, optimizer, rule, full_scales)
+        torch._foreach_mul_(tensors, scales)
+
+    def _rescale_operands(
+        self, rescaling: Rescaling, optimizer, rule, full_scales: bool
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every tensor :meth:`rescale_` multiplies and its broadcastable scale ((r, 1) rows, (1, r) columns)."""
         cast: dict[tuple, torch.Tensor] = {}
         first = self.factors[0]
         shape_A, shape_B = (len(self.factors), *first.lora_A.shape), (len(self.factors), *first.lora_B.shape)
@@ -178,7 +194,7 @@ class LayerGroup:
                 for t, power in moment_tensors(optimizer, rule, p):
                     tensors.append(t)
                     scales.append(scale(which, t.dtype, power)[i])
-        torch._foreach_mul_(tensors, scales)
+        return tensors, scales
 
     def merge_(
         self,
@@ -209,5 +225,13 @@ def group_factors(factors: list[LoRAFactors]) -> list[LayerGroup]:
     groups: dict[tuple, list[LoRAFactors]] = defaultdict(list)
     for f in factors:
         key = (f.lora_A.device, f.lora_A.dtype, f.lora_B.dtype, tuple(f.lora_A.shape), tuple(f.lora_B.shape))
+        if is_dtensor(f.lora_A) or is_dtensor(f.lora_B):  # FSDP2: also the mesh and every placement
+            w = f.base_weight
+            mesh = getattr(f.lora_A, "device_mesh", None)
+            key += (id(mesh), _placements(f.lora_A), _placements(f.lora_B), _placements(w), f.fan_in_fan_out)
         groups[key].append(f)
     return [LayerGroup(v) for v in groups.values()]
+
+
+def _placements(t: torch.Tensor) -> tuple | None:
+    return tuple(str(p) for p in t.placements) if is_dtensor(t) else None

@@ -68,6 +68,7 @@ class RefLoRA(LoRAMethod):
     ):
         self.scalar = bool(scalar)
         self.transfers_moments = self.scalar
+        self.reads = "sqnorms" if self.scalar else "grams"
         self.name = "reflora_s" if self.scalar else "reflora"
         super().__init__(model, warmup_steps=warmup_steps, interval=interval, **kwargs)
         self.rank_tol = (

@@ -1,0 +1,295 @@
+"""FSDP2: layer groups whose factors, gradients, moments and base weights are DTensor shards.
+
+Under ``torch.distributed.fsdp.fully_shard`` every rank holds, at ``optimizer.step()``, one
+block of rows (``Shard(0)``, the default) or columns (``Shard(1)``) of ``lora_A`` (r x in),
+``lora_B`` (out x r), their gradients, their optimizer moments and the base weight. The
+closed forms need (RefLoRA Thm 3/5, ScaLoRA Thms 3/5):
+
+* Grams whose contraction runs over a sharded dimension, e.g. ``lora_B^T lora_B`` with
+  ``lora_B`` split over its ``out`` rows: a sum of per-rank partial Grams;
+* products that mix the rank rows of ``lora_A``: ``lora_A lora_A^T``, RefLoRA's
+  ``S^-1 lora_A.grad``, ScaLoRA's merge ``B diag(c) A`` into a rank's rows of ``W``. They need
+  the whole ``lora_A`` and its gradient, which are thin (r x in);
+* per-layer norms and non-finite flags (sums over shards).
+
+:func:`exchange_` packs, for every sharded layer of the step, this rank's partial Grams or
+norms, its rows of ``lora_A`` and ``lora_A.grad`` (and of ``lora_B`` where a merge needs whole
+columns of it) and its local non-finite flags into one byte buffer, and runs **one**
+``all_gather`` per step (per device mesh). Every rank then assembles the same whole ``lora_A``,
+sums the partial Grams in rank order and ANDs the flags: it holds bit-identical inputs, runs
+the same closed forms and takes the same decisions (finite, skipped, column or scalar), so
+ranks agree by construction. Writes go to this rank's shards only: gradients and moments are
+rescaled on the shards, and ScaLoRA merges into the rank's own block of ``W``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .. import merge
+from ..discovery import LoRAFactors
+from ..distributed import chunk_ranges, is_dtensor, local, local_block, shard_dim, shard_range
+from .layers import _GET, LayerGroup, Stacked, finite_rows, group_factors
+
+#: what a method reads per layer: RefLoRA/ScaledGD "grams", RefLoRA-S "sqnorms", ScaLoRA "pair"
+READS = ("grams", "sqnorms", "pair")
+
+
+class _Pack:
+    """Tensors of any dtype in one 8-byte-aligned uint8 buffer, moved by a single ``all_gather``."""
+
+    def __init__(self):
+        self.items: list[tuple[int, torch.Tensor]] = []
+        self.nbytes = 0
+        self.out: torch.Tensor | None = None
+
+    def add(self, t: torch.Tensor) -> int:
+        offset = -(-self.nbytes // 8) * 8
+        self.items.append((offset, t.contiguous()))
+        self.nbytes = offset + t.numel() * t.element_size()
+        return len(self.items) - 1
+
+    def all_gather(self, group, device: torch.device) -> None:
+        buf = torch.zeros(-(-self.nbytes // 8) * 8, dtype=torch.uint8, device=device)
+        for offset, t in self.items:
+            buf[offset : offset + t.numel() * t.element_size()].copy_(t.reshape(-1).view(torch.uint8))
+        world = dist.get_world_size(group)
+        out = torch.empty(world * buf.numel(), dtype=torch.uint8, device=device)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(out, buf, group=group)
+        self.out = out.view(world, buf.numel())
+
+    def get(self, slot: int) -> torch.Tensor:
+        """Every rank's copy of item ``slot``: shape ``(world, *item.shape)``."""
+        offset, t = self.items[slot]
+        raw = self.out[:, offset : offset + t.numel() * t.element_size()]
+        return raw.view(t.dtype).view(self.out.shape[0], *t.shape).to(t.device)
+
+
+def _padded(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``x`` zero-padded to ``size`` along ``dim`` (every rank sends equal-sized blocks)."""
+    if x.shape[dim] == size:
+        return x
+    out = x.new_zeros(*x.shape[:dim], size, *x.shape[dim + 1 :])
+    out.narrow(dim, 0, x.shape[dim]).copy_(x)
+    return out
+
+
+def _rank_sum(parts: torch.Tensor) -> torch.Tensor:
+    """Sum over the leading (rank) dimension in rank order: the same bits on every rank."""
+    acc = parts[0].clone()
+    for k in range(1, parts.shape[0]):
+        acc += parts[k]
+    return acc
+
+
+class ShardedLayerGroup(LayerGroup):
+    """Same-shape adapters whose tensors are FSDP2 shards (one mesh, one placement per tensor role).
+
+    Reads (:meth:`factors_and_grads`, :meth:`factor_grams`, :meth:`factor_sqnorms`,
+    :meth:`pair_grams`) answer from the step's exchange (:func:`exchange_`) and return the same
+    values on every rank: the whole ``lora_A`` and its gradient, this rank's rows of ``lora_B``
+    and its gradient (or the whole of them, where a merge needs it), summed Grams and norms and
+    agreed flags. Plans made from them therefore hold whole ``lora_A``-side tensors and, on the
+    ``lora_B`` side, the layout of the reads; writes narrow them to this rank's blocks.
+    """
+
+    def __init__(self, factors: list[LoRAFactors]):
+        super().__init__(factors)
+        f = factors[0]
+        if not (is_dtensor(f.lora_A) and is_dtensor(f.lora_B)):
+            raise RuntimeError(f"{f.name}: lora_A and lora_B must both be FSDP2 shards (fully_shard the whole model)")
+        self.mesh = f.lora_A.device_mesh
+        self.dim_A, self.dim_B = shard_dim(f.lora_A), shard_dim(f.lora_B)
+        self._x: dict | None = None  # the current step's exchange
+
+    # ------------------------------------------------------------------ layout
+    def _weight_ranges(self, f: LoRAFactors) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``(offset, size)`` along ``out`` and along ``in`` of this rank's block of the base weight."""
+        w = f.base_weight
+        ranges = [(0, w.shape[0]), (0, w.shape[1])]
+        rng = shard_range(w)
+        if rng is not None:
+            ranges[rng[0]] = rng[1:]
+        return (ranges[1], ranges[0]) if f.fan_in_fan_out else (ranges[0], ranges[1])
+
+    def _whole_B(self, reads: str, merges: bool) -> bool:
+        """Whether ``lora_B`` and its gradient must be gathered whole (else: partial Grams over ``out``)."""
+        if reads == "sqnorms":
+            return False
+        if self.dim_B != 0:
+            return True  # split over r: the Grams over out need every column block
+        if not merges:
+            return False
+        f = self.factors[0]  # the merge needs lora_B's rows for this rank's rows of W along out
+        out_axis = 1 if f.fan_in_fan_out else 0
+        return not (is_dtensor(f.base_weight) and shard_dim(f.base_weight) == out_axis)
+
+    def _local_stack(self, what: str) -> torch.Tensor:
+        return torch.stack([local(_GET[what](f)).detach() for f in self.factors])
+
+    # ------------------------------------------------------------------ exchange
+    def _post(self, pack: _Pack, dtype: torch.dtype, reads: str, merges: bool) -> None:
+        """Put this rank's contribution for the step into ``pack`` (no communication)."""
+        if reads not in READS:
+            raise ValueError(f"reads must be one of {READS}, got {reads!r}")
+        stacks = {w: self._local_stack(w) for w in ("A", "B", "gA", "gB")}
+        whole_B = self._whole_B(reads, merges)
+        slots = {"finite": pack.add(finite_rows(*stacks.values()))}
+        if reads == "sqnorms":
+            sq = torch.stack([stacks[w].to(dtype).square().sum((1, 2)) for w in ("A", "B")])
+            slots["sqnorms"] = pack.add(sq)
+        else:
+            world = self.mesh.size()
+            gathered = [("A", self.dim_A), ("gA", self.dim_A)]
+            gathered += [("B", self.dim_B), ("gB", self.dim_B)] if whole_B else []
+            for w, d in gathered:
+                n = _GET[w](self.factors[0]).shape[d]
+                slots[w] = pack.add(_padded(stacks[w], d + 1, chunk_ranges(n, world)[0][1]))
+            if not whole_B:
+                B = stacks["B"].to(dtype) if reads == "grams" else torch.cat([stacks["gB"], stacks["B"]], 2).to(dtype)
+                slots["gram_B"] = pack.add(B.mT @ B)
+        self._x = {"dtype": dtype, "reads": reads, "whole_B": whole_B, "slots": slots, "local": stacks}
+
+    def _collect(self, pack: _Pack) -> None:
+        """Assemble the whole tensors, sum the partials and AND the flags (identically on every rank)."""
+        x = self._x
+        dtype, world = x["dtype"], self.mesh.size()
+        for name, slot in x["slots"].items():
+            parts = pack.get(slot)
+            if name == "finite":
+                x[name] = parts.all(0)
+            elif name in ("sqnorms", "gram_B"):
+                x[name] = _rank_sum(parts)
+            else:  # the valid rows of every rank's block, in rank order
+                d = self.dim_A if name in ("A", "gA") else self.dim_B
+                n = _GET[name](self.factors[0]).shape[d]
+                blocks = [parts[k].narrow(d + 1, 0, size) for k, (_, size) in enumerate(chunk_ranges(n, world))]
+                x[name] = torch.cat(blocks, d + 1).to(dtype)
+
+    def _exchanged(self, dtype: torch.dtype | None = None) -> dict:
+        if self._x is None or "finite" not in self._x:
+            raise RuntimeError("a sharded layer group was read outside a step's exchange (optlora internal error)")
+        if dtype is not None and dtype != self._x["dtype"]:
+            raise RuntimeError(f"exchanged in {self._x['dtype']}, read in {dtype} (optlora internal error)")
+        return self._x
+
+    def release(self) -> None:
+        self._x = None
+
+    # ------------------------------------------------------------------ read
+    def factors_and_grads(self, dtype: torch.dtype) -> Stacked:
+        """Whole ``lora_A`` and gradient; ``lora_B`` and gradient as this rank's rows or whole (see class doc)."""
+        x = self._exchanged(dtype)
+        loc = {w: t.to(dtype) for w, t in x["local"].items()}
+        A, gA = (x["A"], x["gA"]) if "A" in x else (loc["A"], loc["gA"])
+        B, gB = (x["B"], x["gB"]) if x["whole_B"] else (loc["B"], loc["gB"])
+        return Stacked(A, B, gA, gB, x["finite"])
+
+    def factor_grams(self, stacked: Stacked) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self._exchanged()
+        gram_B = x["gram_B"] if "gram_B" in x else stacked.B.mT @ stacked.B
+        return stacked.A @ stacked.A.mT, gram_B
+
+    def factor_sqnorms(self, stacked: Stacked) -> tuple[torch.Tensor, torch.Tensor]:
+        sq = self._exchanged()["sqnorms"]
+        return sq[0], sq[1]
+
+    def pair_grams(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = self._exchanged(dtype)
+        XA = torch.cat([x["A"], x["gA"]], 1)
+        if "gram_B" in x:
+            gram_SB = x["gram_B"]
+        else:
+            XB = torch.cat([x["gB"], x["B"]], 2)
+            gram_SB = XB.mT @ XB
+        return (*self.effective_pair_grams(XA @ XA.mT, gram_SB), x["finite"])
+
+    # ------------------------------------------------------------------ write
+    def set_gradients_(self, grad_A: torch.Tensor, grad_B: torch.Tensor) -> None:
+        whole_B = self._exchanged()["whole_B"]
+        dst, src = [], []
+        for i, f in enumerate(self.factors):
+            dst += [local(f.lora_A.grad), local(f.lora_B.grad)]
+            src += [local_block(grad_A[i], f.lora_A), local_block(grad_B[i], f.lora_B) if whole_B else grad_B[i]]
+        torch._foreach_copy_(dst, src)
+
+    def _rescale_operands(self, rescaling, optimizer, rule, full_scales):
+        """The plain operands on this rank's shards; a scale along a sharded dimension narrowed to the block."""
+        tensors, scales = super()._rescale_operands(rescaling, optimizer, rule, False)
+        out_t, out_s = [], []
+        for t, s in zip(tensors, scales):
+            rng = shard_range(t)
+            lt = local(t)
+            if rng is not None and s.shape[rng[0]] != 1:
+                s = s.narrow(*rng)
+            out_t.append(lt)
+            out_s.append(s.expand(lt.shape).contiguous() if full_scales else s)
+        return out_t, out_s
+
+    def merge_(self, coeff: torch.Tensor, *, mode: str, buffers: dict[str, torch.Tensor], generator) -> None:
+        """``W += s B diag(coeff) A`` into this rank's block of every base weight (ScaLoRA Sec. 3.1)."""
+        x = self._exchanged()
+        for i, f in enumerate(self.factors):
+            w = local(f.base_weight.detach())
+            (out_off, out_n), (in_off, in_n) = self._weight_ranges(f)
+            lora_A = x["A"][i].narrow(1, in_off, in_n).to(f.lora_A.dtype)
+            if x["whole_B"]:
+                lora_B = x["B"][i].narrow(0, out_off, out_n).to(f.lora_B.dtype)
+            else:
+                lora_B = local(f.lora_B.detach())
+                if shard_range(f.lora_B)[1:] != (out_off, out_n):
+                    raise RuntimeError(f"{f.name}: lora_B and the base weight are sharded differently along out")
+            buffer = buffers.get(f.name)
+            merge.merge_low_rank_(
+                w,
+                lora_B,
+                lora_A,
+                coeff[i],
+                f.scaling,
+                fan_in_fan_out=f.fan_in_fan_out,
+                mode=mode,
+                buffer=None if buffer is None else local(buffer),
+                generator=generator(w.device),
+            )
+
+
+def group_layers(factors: list[LoRAFactors]) -> list[LayerGroup]:
+    """:func:`optlora.methods.layers.group_factors`, with FSDP2-sharded adapters in :class:`ShardedLayerGroup`.
+
+    Refuses a model where some LoRA factors are FSDP2 shards and others are not: their
+    gradients are not reduced the same way (``fully_shard`` the root module too).
+    """
+    groups = group_factors(factors)
+    sharded = [is_dtensor(g.factors[0].lora_A) or is_dtensor(g.factors[0].lora_B) for g in groups]
+    if any(sharded) and not all(sharded):
+        plain = next(g.factors[0].name for g, s in zip(groups, sharded) if not s)
+        raise RuntimeError(
+            f"some LoRA layers are FSDP2 shards and others (e.g. {plain}) are not; apply fully_shard to the root "
+            "module as well (fully_shard(model) after the per-layer calls), so that every LoRA parameter is sharded"
+        )
+    return [ShardedLayerGroup(g.factors) if s else g for g, s in zip(groups, sharded)]
+
+
+def exchange_(groups: list[LayerGroup], dtype: torch.dtype, reads: str, merges: bool) -> None:
+    """One ``all_gather`` (per device mesh) of every sharded group's contribution; no-op without them."""
+    by_mesh: dict[int, list[ShardedLayerGroup]] = {}
+    for g in groups:
+        if isinstance(g, ShardedLayerGroup):
+            by_mesh.setdefault(id(g.mesh), []).append(g)
+    for gs in by_mesh.values():
+        pack = _Pack()
+        for g in gs:
+            g._post(pack, dtype, reads, merges)
+        mesh = gs[0].mesh
+        pack.all_gather(mesh.get_group(), torch.device(mesh.device_type))
+        for g in gs:
+            g._collect(pack)
+
+
+def release_(groups: list[LayerGroup]) -> None:
+    """Drop the step's exchanged tensors (whole ``lora_A`` copies) once the step is done."""
+    for g in groups:
+        if isinstance(g, ShardedLayerGroup):
+            g.release()
