@@ -79,6 +79,7 @@ class LoRAMethod:
         self.method_steps = 0  # steps on which the method was applied
         self._last: dict[str, torch.Tensor] = {}  # device tensors from the last applied step
         self._last_names: list[str] = []  # the layers those tensors describe
+        self._exchange_bytes = 0  # FSDP2: bytes this rank sent in the last step's collective
 
     @property
     def sharded(self) -> bool:
@@ -142,7 +143,8 @@ class LoRAMethod:
         with torch.no_grad():
             # everything that can refuse the step runs before the first parameter is touched
             self._check_moments(groups)
-            exchange_(groups, self.compute_dtype, self.reads, self.merges)  # FSDP2: one collective; else nothing
+            # FSDP2: one collective (bytes sent by this rank); plain groups: nothing
+            self._exchange_bytes = exchange_(groups, self.compute_dtype, self.reads, self.merges)
             try:
                 plans = self._plan_all(groups)
                 if self.on_nonfinite == "raise" and not bool(torch.cat([p["finite"] for p in plans]).all()):  # sync
@@ -229,6 +231,8 @@ class LoRAMethod:
             ok = self._last["ok"] & self._last["finite"]
             out["last_layers"] = int(ok.numel())
             out["last_skipped_layers"] = [n for n, o in zip(self._last_names, ok.tolist()) if not o]
+        if self._exchange_bytes:
+            out["exchange_bytes"] = self._exchange_bytes
         return out
 
     def __repr__(self) -> str:

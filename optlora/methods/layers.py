@@ -156,13 +156,16 @@ class LayerGroup:
         half-precision storage is rounded once. ``full_scales`` materialises the per-layer scales
         to full shape so that the multi-tensor CUDA fast path applies (float32 tensors).
         """
-        tensors, scales = self._rescale_operands(rescaling, optimizer, rule, full_scales)
+        tensors, scales, _ = self._rescale_operands(rescaling, optimizer, rule, full_scales)
         torch._foreach_mul_(tensors, scales)
 
     def _rescale_operands(
         self, rescaling: Rescaling, optimizer, rule, full_scales: bool
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Every tensor :meth:`rescale_` multiplies and its broadcastable scale ((r, 1) rows, (1, r) columns)."""
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[bool]]:
+        """Every tensor :meth:`rescale_` multiplies, its broadcastable scale and whether it is ``lora_A``'s side.
+
+        ``lora_A``-side scales are (r, 1) (the rank index is ``lora_A``'s row), ``lora_B``-side (1, r).
+        """
         cast: dict[tuple, torch.Tensor] = {}
         first = self.factors[0]
         shape_A, shape_B = (len(self.factors), *first.lora_A.shape), (len(self.factors), *first.lora_B.shape)
@@ -178,7 +181,7 @@ class LayerGroup:
                 cast[key] = t.expand(shape_A if row else shape_B).contiguous() if full_scales else t
             return cast[key]
 
-        tensors, scales = [], []
+        tensors, scales, sides = [], [], []
         for i, f in enumerate(self.factors):
             for t, which in (
                 (f.lora_A, "lora_A"),
@@ -188,13 +191,15 @@ class LayerGroup:
             ):
                 tensors.append(t)
                 scales.append(scale(which, t.dtype)[i])
+                sides.append(which in ("lora_A", "grad_A"))
             if optimizer is None or rule is None:
                 continue
             for p, which in ((f.lora_A, "grad_A"), (f.lora_B, "grad_B")):
                 for t, power in moment_tensors(optimizer, rule, p):
                     tensors.append(t)
                     scales.append(scale(which, t.dtype, power)[i])
-        return tensors, scales
+                    sides.append(which == "grad_A")
+        return tensors, scales, sides
 
     def merge_(
         self,

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from .. import merge
 from ..discovery import LoRAFactors
-from ..distributed import chunk_ranges, is_dtensor, local, local_block, shard_dim, shard_range
+from ..distributed import chunk_ranges, is_dtensor, local, shard_dim, shard_range
 from .layers import _GET, LayerGroup, Stacked, finite_rows, group_factors
 
 #: what a method reads per layer: RefLoRA/ScaledGD "grams", RefLoRA-S "sqnorms", ScaLoRA "pair"
@@ -102,11 +102,19 @@ class ShardedLayerGroup(LayerGroup):
             raise RuntimeError(f"{f.name}: lora_A and lora_B must both be FSDP2 shards (fully_shard the whole model)")
         self.mesh = f.lora_A.device_mesh
         self.dim_A, self.dim_B = shard_dim(f.lora_A), shard_dim(f.lora_B)
+        # every adapter of the group has the same shapes and placements: this rank's blocks, once
+        self._range_A, self._range_B = shard_range(f.lora_A), shard_range(f.lora_B)
         self._x: dict | None = None  # the current step's exchange
 
     # ------------------------------------------------------------------ layout
     def _weight_ranges(self, f: LoRAFactors) -> tuple[tuple[int, int], tuple[int, int]]:
-        """``(offset, size)`` along ``out`` and along ``in`` of this rank's block of the base weight."""
+        """``(offset, size)`` along ``out`` and along ``in`` of this rank's block of the base weight (cached)."""
+        if getattr(self, "_w_ranges", None) is None:
+            self._w_ranges = self._weight_block(self.factors[0])
+        return self._w_ranges
+
+    @staticmethod
+    def _weight_block(f: LoRAFactors) -> tuple[tuple[int, int], tuple[int, int]]:
         w = f.base_weight
         ranges = [(0, w.shape[0]), (0, w.shape[1])]
         rng = shard_range(w)
@@ -212,21 +220,29 @@ class ShardedLayerGroup(LayerGroup):
         dst, src = [], []
         for i, f in enumerate(self.factors):
             dst += [local(f.lora_A.grad), local(f.lora_B.grad)]
-            src += [local_block(grad_A[i], f.lora_A), local_block(grad_B[i], f.lora_B) if whole_B else grad_B[i]]
+            src += [grad_A[i].narrow(*self._range_A), grad_B[i].narrow(*self._range_B) if whole_B else grad_B[i]]
         torch._foreach_copy_(dst, src)
 
     def _rescale_operands(self, rescaling, optimizer, rule, full_scales):
-        """The plain operands on this rank's shards; a scale along a sharded dimension narrowed to the block."""
-        tensors, scales = super()._rescale_operands(rescaling, optimizer, rule, False)
+        """The plain operands on this rank's shards; a scale along a sharded dimension narrowed to the block.
+
+        Gradients and moments are laid out as their parameter (FSDP2 builds them alike); a local
+        shape that disagrees is refused rather than broadcast.
+        """
+        tensors, scales, sides = super()._rescale_operands(rescaling, optimizer, rule, False)
         out_t, out_s = [], []
-        for t, s in zip(tensors, scales):
-            rng = shard_range(t)
+        for t, s, side_A in zip(tensors, scales, sides):
+            d, offset, size = self._range_A if side_A else self._range_B
             lt = local(t)
-            if rng is not None and s.shape[rng[0]] != 1:
-                s = s.narrow(*rng)
+            if lt.shape[d] != size:
+                raise RuntimeError(
+                    f"a sharded LoRA gradient or moment is laid out unlike its parameter: {tuple(lt.shape)}"
+                )
+            if s.shape[d] != 1:
+                s = s.narrow(d, offset, size)
             out_t.append(lt)
             out_s.append(s.expand(lt.shape).contiguous() if full_scales else s)
-        return out_t, out_s
+        return out_t, out_s, sides
 
     def merge_(self, coeff: torch.Tensor, *, mode: str, buffers: dict[str, torch.Tensor], generator) -> None:
         """``W += s B diag(coeff) A`` into this rank's block of every base weight (ScaLoRA Sec. 3.1)."""
@@ -239,7 +255,7 @@ class ShardedLayerGroup(LayerGroup):
                 lora_B = x["B"][i].narrow(0, out_off, out_n).to(f.lora_B.dtype)
             else:
                 lora_B = local(f.lora_B.detach())
-                if shard_range(f.lora_B)[1:] != (out_off, out_n):
+                if self._range_B[1:] != (out_off, out_n):
                     raise RuntimeError(f"{f.name}: lora_B and the base weight are sharded differently along out")
             buffer = buffers.get(f.name)
             merge.merge_low_rank_(
@@ -272,12 +288,16 @@ def group_layers(factors: list[LoRAFactors]) -> list[LayerGroup]:
     return [ShardedLayerGroup(g.factors) if s else g for g, s in zip(groups, sharded)]
 
 
-def exchange_(groups: list[LayerGroup], dtype: torch.dtype, reads: str, merges: bool) -> None:
-    """One ``all_gather`` (per device mesh) of every sharded group's contribution; no-op without them."""
+def exchange_(groups: list[LayerGroup], dtype: torch.dtype, reads: str, merges: bool) -> int:
+    """One ``all_gather`` (per device mesh) of every sharded group's contribution; no-op without them.
+
+    Returns the bytes this rank sent (it receives that many from every rank).
+    """
     by_mesh: dict[int, list[ShardedLayerGroup]] = {}
     for g in groups:
         if isinstance(g, ShardedLayerGroup):
             by_mesh.setdefault(id(g.mesh), []).append(g)
+    sent = 0
     for gs in by_mesh.values():
         pack = _Pack()
         for g in gs:
@@ -286,6 +306,8 @@ def exchange_(groups: list[LayerGroup], dtype: torch.dtype, reads: str, merges: 
         pack.all_gather(mesh.get_group(), torch.device(mesh.device_type))
         for g in gs:
             g._collect(pack)
+        sent += pack.out.shape[1]
+    return sent
 
 
 def release_(groups: list[LayerGroup]) -> None:
