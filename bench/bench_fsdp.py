@@ -12,7 +12,8 @@ slowest rank's (the ranks step in lockstep). Reported per method:
 
 * ``ms/step``: median over rounds; ``ratio``: median over rounds of (method / FSDP2 LoRA in the
   same round), with the min-max spread;
-* ``hook ms``: time inside the method's pre-hook (the collective included), per step;
+* ``hook ms``: time inside the method's pre-hook per step, ``of which all_gather``: inside the
+  step's one collective (this includes waiting for the slowest rank to arrive);
 * ``sent KiB``: bytes one rank puts into the step's single ``all_gather`` (it receives that
   many from every rank), from ``method.stats()["exchange_bytes"]``;
 * ``extra MiB``: persistent memory the method adds per rank (merge buffers: Kahan/fp32 modes);
@@ -70,6 +71,17 @@ def _worker(rank: int, world: int, args, out: str) -> None:
         torch.cuda.set_device(device)
     backend = "nccl" if args.device == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
+    from optlora.methods import sharded
+
+    gather = [0.0]  # time inside the step's all_gather (waiting for the slowest rank included)
+    inner_gather = sharded._Pack.all_gather
+
+    def timed_gather(self, *a, _inner=inner_gather):
+        t = time.perf_counter()
+        _inner(self, *a)
+        gather[0] += time.perf_counter() - t
+
+    sharded._Pack.all_gather = timed_gather
     spec = models.SPECS[args.model]
     dtype = getattr(torch, args.dtype)
     runs = {}
@@ -77,15 +89,16 @@ def _worker(rank: int, world: int, args, out: str) -> None:
         model = _shard(models.build(spec, rank=args.rank, dtype=dtype, device=device))
         method = make_method(name, model, warmup_steps=1)
         opt = torch.optim.AdamW(models.lora_parameters(model), lr=1e-4)
-        hook = [0.0]
+        hook = [0.0, 0.0]  # pre-hook time, all_gather time
         if method is not None:
             method.attach(opt)
             inner = method._pre_step
 
             def timed(*a, _inner=inner, _hook=hook):
-                t = time.perf_counter()
+                t, g = time.perf_counter(), gather[0]
                 _inner(*a)
                 _hook[0] += time.perf_counter() - t
+                _hook[1] += gather[0] - g
 
             method._handle.remove()
             method._handle = opt.register_step_pre_hook(timed)
@@ -107,7 +120,7 @@ def _worker(rank: int, world: int, args, out: str) -> None:
 
     for name in args.methods:  # warm-up: past the method's own warm-up, allocator and caches settled
         steps(name, 12)
-        runs[name][3][0] = 0.0
+        runs[name][3][:] = [0.0, 0.0]
     times = {name: [] for name in args.methods}
     peak = dict.fromkeys(args.methods, 0.0)
     for rnd in range(args.rounds):
@@ -133,6 +146,7 @@ def _worker(rank: int, world: int, args, out: str) -> None:
                 "lo": min(ratios),
                 "hi": max(ratios),
                 "hook_ms": 1e3 * hook[0] / (args.rounds * args.steps),
+                "gather_ms": 1e3 * hook[1] / (args.rounds * args.steps),
                 "sent_kib": 0 if method is None else method.stats().get("exchange_bytes", 0) / 1024,
                 "extra_mib": extra / MiB,
                 "step_mib": _step_bytes(method, world) / MiB,
@@ -176,14 +190,15 @@ def main(argv=None) -> None:
         f"batch {args.batch}x{args.seq} per rank, {args.dtype}, {args.rounds} rounds x {args.steps} steps, "
         f"torch {torch.__version__}"
     )
-    head = "| method | ms/step | ratio to FSDP2 LoRA (min-max) | hook ms | sent KiB | extra MiB | step MiB |"
+    head = "| method | ms/step | ratio to FSDP2 LoRA (min-max) | hook ms | of which all_gather | sent KiB | extra MiB "
+    head += "| step MiB |"
     head += " peak MiB |" if args.device == "cuda" else ""
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
         line = (
             f"| {r['method']} | {r['ms']:.1f} | {r['ratio']:.3f} ({r['lo']:.3f}-{r['hi']:.3f}) | {r['hook_ms']:.2f} "
-            f"| {r['sent_kib']:.1f} | {r['extra_mib']:.2f} | {r['step_mib']:.2f} |"
+            f"| {r['gather_ms']:.2f} | {r['sent_kib']:.1f} | {r['extra_mib']:.2f} | {r['step_mib']:.2f} |"
         )
         print(line + (f" {r['peak_mib']:.0f} |" if args.device == "cuda" else ""))
 

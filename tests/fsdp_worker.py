@@ -47,6 +47,10 @@ CASES.update(
         "reflora-shard1": case("reflora", placement=1),
         "reflora_s-shard1": case("reflora_s", placement=1),
         "scalora-kahan": case("scalora", dtype="bfloat16", merge_precision="kahan"),
+        # FSDP2 mixed precision (bf16 compute, fp32 shards and reductions) against a float32 single process
+        "lora-mp": case("lora", mp=True),
+        "reflora-mp": case("reflora", mp=True),
+        "scalora-mp": case("scalora", mp=True),
         # for 4 processes: r = 2 leaves ranks 2 and 3 without rows of lora_A
         "reflora-r2": case("reflora", r=2),
         "reflora_s-r2": case("reflora_s", r=2),
@@ -89,6 +93,10 @@ def shard(model, c: dict):
     from torch.distributed.tensor import Shard
 
     kw = {}
+    if c.get("mp"):
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if c["placement"] is not None:
         kw["shard_placement_fn"] = lambda p: Shard(c["placement"]) if p.dim() == 2 else Shard(0)
     for block in blocks(model):
@@ -100,7 +108,7 @@ def shard(model, c: dict):
 def make(c: dict, model):
     import optlora
 
-    opts = {k: v for k, v in c.items() if k not in ("method", "opt", "dtype", "model", "r", "placement")}
+    opts = {k: v for k, v in c.items() if k not in ("method", "opt", "dtype", "model", "r", "placement", "mp")}
     if c["method"] in ("scalora", "scalora_i"):
         opts.setdefault("kappa", 0.5)
     if c["method"] == "scalora_i":

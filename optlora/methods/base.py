@@ -28,7 +28,7 @@ from ..discovery import find_lora_factors
 from ..distributed import check_sharding, is_dtensor
 from ..optimizer_state import moment_tensors, require_moment_rule, unwrap_optimizer
 from .layers import LayerGroup
-from .sharded import exchange_, group_layers, release_
+from .sharded import ShardedLayerGroup, exchange_, group_layers, release_
 
 _ATTACHED = "_optlora_method"
 
@@ -168,6 +168,8 @@ class LoRAMethod:
 
     def _active_groups(self) -> list[LayerGroup]:
         """Groups restricted to adapters that received a gradient this step."""
+        if self.sharded != any(isinstance(g, ShardedLayerGroup) for g in self._groups):
+            self._groups = group_layers(self.factors)  # sharded (or unsharded) since attach
         out = []
         for g in self._groups:
             live = [f for f in g.factors if f.lora_A.grad is not None and f.lora_B.grad is not None]
