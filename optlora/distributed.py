@@ -131,6 +131,12 @@ def copy_into_(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 
 # --------------------------------------------------------------------------- refusals
+_FLAT = (
+    ": they split parameters into flat buffers at arbitrary element offsets, so a rank may hold part of a row "
+    "of a LoRA factor, where the closed forms need whole rows"
+)
+
+
 def _fsdp1_class():
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -143,9 +149,9 @@ def _param_problem(p: torch.Tensor) -> str | None:
     if is_dtensor(p):
         return placement_problem(p)
     if getattr(p, "_fsdp_flattened", False) or type(p).__name__ == "FlatParameter":
-        return "FSDP1 flattened parameters (FullyShardedDataParallel, use_orig_params=True or not)"
+        return "FSDP1 flattened parameters (FullyShardedDataParallel, use_orig_params=True or not)" + _FLAT
     if hasattr(p, "ds_id") or hasattr(p, "ds_status"):
-        return "DeepSpeed ZeRO-3 partitioned parameters"
+        return "DeepSpeed ZeRO-3 partitioned parameters" + _FLAT
     return None
 
 
@@ -160,7 +166,9 @@ def sharding_problem(model: nn.Module | None = None, optimizer=None) -> str | No
     if model is not None:
         for name, module in model.named_modules():
             if fsdp1 is not None and isinstance(module, fsdp1):
-                return f"module {name or type(module).__name__!r} is wrapped by FSDP1 (FullyShardedDataParallel)"
+                return (
+                    f"module {name or type(module).__name__!r} is wrapped by FSDP1 (FullyShardedDataParallel)" + _FLAT
+                )
         for name, p in model.named_parameters():
             why = _param_problem(p)
             if why is not None:
@@ -178,11 +186,7 @@ def check_sharding(model: nn.Module | None = None, optimizer=None) -> None:
     """Raise ``RuntimeError`` naming the problem and what to use instead (FSDP2 or DDP) for unsupported sharding."""
     why = sharding_problem(model, optimizer)
     if why is not None:
-        raise RuntimeError(
-            f"optlora cannot run with these sharded parameters: {why}. FSDP1 and ZeRO-3 split parameters into "
-            "flat buffers at arbitrary offsets (a rank may hold part of a row), where the closed forms need whole "
-            f"rows. {ADVICE}"
-        )
+        raise RuntimeError(f"optlora cannot run with these sharded parameters: {why}. {ADVICE}")
 
 
 check_not_sharded = check_sharding  # the name before FSDP2 support

@@ -85,18 +85,22 @@ def _fully_shard(model, layers=None):
 
 
 @needs_dist
-@pytest.mark.parametrize("name", ["reflora", "reflora_s", "scalora", "scaledgd"])
+@pytest.mark.parametrize("name", ["reflora", "reflora_s", "scalora", "scaledgd", "scalora_kahan_bf16"])
 def test_fsdp2_one_process_equals_plain(process_group, name):
     """The sharded code path (one collective, shard-local writes) on a 1-rank mesh equals the plain path."""
     from eco_helpers import token_batches
 
     ids = token_batches(4, 12, seed=4)
+    kahan = name == "scalora_kahan_bf16"  # built before sharding: its Kahan buffers are sharded at attach
     out = []
     for shard in (False, True):
-        model = tiny_peft(seed=3)
+        model = tiny_peft(seed=3).to(torch.bfloat16 if kahan else torch.float32)
+        if kahan:
+            method = optlora.ScaLoRA(model, warmup_steps=1, merge_precision="kahan")
         if shard:
             _fully_shard(model)
-        method = optlora.make_method(name, model, warmup_steps=1)  # built after sharding
+        if not kahan:
+            method = optlora.make_method(name, model, warmup_steps=1)  # built after sharding
         assert method.sharded == shard
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         method.attach(opt)
@@ -105,6 +109,9 @@ def test_fsdp2_one_process_equals_plain(process_group, name):
             opt.step()
             opt.zero_grad()
         assert method.method_steps == 2
+        if kahan:
+            assert len(method.buffers) == len(method.factors)
+            assert all(type(b).__name__ == ("DTensor" if shard else "Tensor") for b in method.buffers.values())
         out.append({n: (p.full_tensor() if shard else p).detach() for n, p in model.named_parameters()})
     for n in out[0]:
         torch.testing.assert_close(out[1][n], out[0][n], rtol=1e-6, atol=1e-7, msg=n)

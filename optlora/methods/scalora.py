@@ -104,7 +104,9 @@ class ScaLoRA(LoRAMethod):
         for f in self.factors:
             buf = self.buffers.get(f.name)
             if buf is not None and is_dtensor(f.base_weight) and not is_dtensor(buf):
-                self.buffers[f.name] = sharded.setdefault(id(buf), shard_like(buf, f.base_weight))
+                if id(buf) not in sharded:
+                    sharded[id(buf)] = shard_like(buf, f.base_weight)
+                self.buffers[f.name] = sharded[id(buf)]
         return self
 
     def _generator(self, device: torch.device) -> torch.Generator:
