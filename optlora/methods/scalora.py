@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .. import merge
+from ..distributed import copy_into_, is_dtensor, shard_like
 from ..functional import chain_rule_rescaling, scalora_merge_coefficient, scalora_merge_growth, scalora_scalings
 from . import guards
 from .base import LoRAMethod
@@ -66,6 +67,7 @@ class ScaLoRA(LoRAMethod):
     #: most 2.6 at kappa=10 on SmolLM2-135M; up to ~25 at kappa=10 on small random Llamas (docs/RELIABILITY.md)
     merge_f32_units = 32.0
     merge_growth_half = 4.0
+    reads = "pair"
 
     def __init__(
         self,
@@ -102,6 +104,18 @@ class ScaLoRA(LoRAMethod):
 
     def config(self) -> dict:
         return {**super().config(), "kappa": self.kappa, "mode": self.mode, "merge_precision": self.merge_precision}
+
+    def attach(self, optimizer) -> ScaLoRA:
+        super().attach(optimizer)
+        # a model sharded by fully_shard after construction: merge buffers follow their weights' blocks
+        sharded: dict[int, torch.Tensor] = {}  # adapters of one weight share one buffer
+        for f in self.factors:
+            buf = self.buffers.get(f.name)
+            if buf is not None and is_dtensor(f.base_weight) and not is_dtensor(buf):
+                if id(buf) not in sharded:
+                    sharded[id(buf)] = shard_like(buf, f.base_weight)
+                self.buffers[f.name] = sharded[id(buf)]
+        return self
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -208,9 +222,9 @@ class ScaLoRA(LoRAMethod):
         super().load_state_dict(state)
         with torch.no_grad():
             for f in self.factors:
-                f.base_weight.copy_(state["base_weights"][f.name])
+                copy_into_(f.base_weight, state["base_weights"][f.name])  # FSDP2: this rank's block
                 if f.name in self.buffers:
-                    self.buffers[f.name].copy_(state["buffers"][f.name])
+                    copy_into_(self.buffers[f.name], state["buffers"][f.name])
         for dev, st in state.get("rng", {}).items():
             self._generator(torch.device(dev)).set_state(st.cpu() if isinstance(st, torch.Tensor) else st)
 
