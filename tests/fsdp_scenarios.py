@@ -45,13 +45,51 @@ def _gather(obj, world: int) -> list:
     return out
 
 
+def _plain_step_nan(rank: int, world: int) -> dict:
+    """ScaLoRA-I (interval 2) under ``on_nonfinite="raise"``: NaN in the last rank's shard on a step between two
+    intervals (the warm-up takes the same path): every rank must refuse it, before anything changed."""
+    import fsdp_worker as W
+
+    c = W.case("scalora_i", on_nonfinite="raise")
+    model, method, opt, ids = _setup(c, rank, world)
+    for _ in range(2):  # step 1 warm-up, step 2 due
+        _step(model, opt, ids)
+    f = method.factors[3]
+    model(input_ids=ids, labels=ids).loss.backward()
+    if rank == world - 1:
+        f.lora_B.grad.to_local().view(-1)[0] = float("nan")
+    before = {**_full(model), **_full_moments(opt)}
+    try:
+        opt.step()  # step 3: not due
+        error = None
+    except RuntimeError as exc:
+        error = str(exc)
+    after = {**_full(model), **_full_moments(opt)}
+    return {
+        "error": error,
+        "due": method.is_due(3),
+        "steps": method.steps,
+        "unchanged": all(torch.equal(before[n], after[n]) for n in before),
+        "layer": f.name,
+    }
+
+
+def _full_moments(opt) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, p in enumerate(opt.param_groups[0]["params"]):
+        for k, v in opt.state.get(p, {}).items():
+            if torch.is_tensor(v) and v.dim() > 0:
+                out[f"moment{i}.{k}"] = v.full_tensor().detach().clone()
+    return out
+
+
 def nonfinite(rank: int, world: int, out: str) -> None:
     """NaN in one rank's shard of one gradient: every rank skips (or refuses) the same layer."""
     import fsdp_worker as W
 
     from optlora.distributed import assert_replicas_in_sync
 
-    result = {}
+    result = {"raise-plain": _gather(_plain_step_nan(rank, world), world)}
     for mode in ("skip", "raise"):
         c = W.case("scalora", on_nonfinite=mode)
         model, method, opt, ids = _setup(c, rank, world)
@@ -236,3 +274,75 @@ def trainer(rank: int, world: int, out: str) -> None:
         result[run] = {"state": _full(t.model), "stats": method.stats(), "sharded": method.sharded}
     if rank == 0:
         torch.save(result, os.path.join(out, "trainer.pt"))
+
+
+def _whole_reads(g, i: int, opt, rule) -> tuple[dict, torch.Tensor, dict]:
+    """Row maxima, ``||W||_F`` and moment maxima of layer ``i`` of group ``g`` from its gathered (full) tensors."""
+    from optlora.optimizer_state import moment_tensors
+
+    f = g.factors[i]
+    rows = {
+        "lora_A": f.lora_A.full_tensor().double().abs().amax(1),
+        "grad_A": f.lora_A.grad.full_tensor().double().abs().amax(1),
+        "lora_B": f.lora_B.full_tensor().double().abs().amax(0),
+        "grad_B": f.lora_B.grad.full_tensor().double().abs().amax(0),
+    }
+    moments: dict = {}
+    for p, which in ((f.lora_A, "grad_A"), (f.lora_B, "grad_B")):
+        for t, power in moment_tensors(opt, rule, p):
+            key = (which, power, t.dtype)
+            moments[key] = max(moments.get(key, 0.0), float(t.full_tensor().double().abs().max()))
+    return rows, f.base_weight.full_tensor().double().norm(), moments
+
+
+def guard_reads(rank: int, world: int, out: str) -> None:
+    """What the range guards read on shards, from the step's one exchange, equals the whole tensors' values.
+
+    Row maxima of ``lora_A``/``lora_B`` and their gradients (``PairGrams.amax_SA/amax_SB`` and
+    ``row_amax``), ``weight_norms()`` and ``moment_amax()`` of every layer, for ``Shard(0)``, ``Shard(1)`` and
+    GPT-2 (``fan_in_fan_out``), compared with the same quantities of the gathered (full) tensors.
+    """
+    import fsdp_worker as W
+
+    from optlora.distributed import local
+    from optlora.methods import sharded
+
+    result = {}
+    for layout, c in (
+        ("Shard(0)", W.case("scalora")),
+        ("Shard(1)", W.case("scalora", placement=1)),
+        ("gpt2", W.case("scalora", model="gpt2")),
+    ):
+        model, method, opt, ids = _setup(c, rank, world)
+        _step(model, opt, ids)  # the warm-up step: AdamW's moments exist
+        model(input_ids=ids, labels=ids).loss.backward()
+        groups, moments = method._active_groups(), method._moment_rule_of_step()
+        row = {"rows": 0.0, "moments": 0.0, "weight_rel": 0.0, "local_rows_differ": False, "layers": 0}
+        for reads in ("pair", "sqnorms"):
+            with torch.no_grad():  # as in the pre-hook
+                sharded.exchange_(groups, torch.float64, reads, True, moments)
+                for g in groups:
+                    r, got = g.rank, [g.row_amax(g.factors_and_grads(torch.float64))]
+                    if reads == "pair":
+                        pg = g.pair_grams(torch.float64)
+                        got.append({"lora_A": pg.amax_SA[:, :r], "grad_A": pg.amax_SA[:, r:]})
+                        got[-1].update(grad_B=pg.amax_SB[:, :r], lora_B=pg.amax_SB[:, r:])
+                    norms, maxima = g.weight_norms(), g.moment_amax(*moments)
+                    for i, f in enumerate(g.factors):
+                        rows, norm, want = _whole_reads(g, i, opt, method._rule)
+                        for k, v in rows.items():
+                            row["rows"] = max([row["rows"]] + [float((d[k][i] - v).abs().max()) for d in got])
+                        mine = local(f.lora_B.detach()).double().abs()  # what this rank alone would read
+                        if mine.shape[0] and mine.shape[1] == r and not torch.equal(mine.amax(0), rows["lora_B"]):
+                            row["local_rows_differ"] = True
+                        row["weight_rel"] = max(row["weight_rel"], float((norms[i].double() - norm).abs() / norm))
+                        assert set(want) == set(maxima), (set(want), set(maxima))
+                        for key, v in want.items():
+                            row["moments"] = max(row["moments"], abs(float(maxima[key][i]) - v))
+                        row["layers"] += 1
+                sharded.release_(groups)
+        opt.zero_grad()
+        result[layout] = row
+    result = _gather(result, world)
+    if rank == 0:
+        torch.save(result, os.path.join(out, "guard_reads.pt"))

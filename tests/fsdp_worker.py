@@ -58,6 +58,16 @@ CASES.update(
         "scalora-r2-gpt2": case("scalora", r=2, model="gpt2"),
     }
 )
+#: range guards whose decision needs a value another rank holds (see :func:`tamper`); 2 processes
+GUARD_CASES = {
+    "scalora-guard-moment": case("scalora", tamper="moment_rows"),
+    "reflora_s-guard-moment": case("reflora_s", tamper="moment_rows"),
+    "scalora-guard-tiny_B": case("scalora", tamper="tiny_B_rows"),
+    "reflora-guard-grad_B": case("reflora", tamper="huge_grad_B_row"),
+    "scaledgd-guard-grad_B": case("scaledgd", tamper="huge_grad_B_row"),
+}
+CASES.update(GUARD_CASES)
+TAMPERED_LAYER = 2  # layers.0.mlp.up_proj: one of two layers of its shape group (a partial skip)
 
 
 def build_model(c: dict, seed: int = 11):
@@ -105,10 +115,46 @@ def shard(model, c: dict):
     return model
 
 
+def tamper(c: dict, method, opt) -> None:
+    """Before the last step's ``opt.step()``: put into one layer a value only one rank's shard holds.
+
+    Written through the full tensor, so a single process gets the same values. With 2 processes
+    (``Shard(0)``: rank 0 holds rows ``[0, n/2)``, rank 1 the rest):
+
+    * ``moment_rows``: ``exp_avg_sq`` of ``lora_A`` and ``lora_B`` (rank 1's rows) at half the float32 maximum:
+      a rescaling that grows any rank index overflows them (the moment maxima guard);
+    * ``tiny_B_rows``: rank 0's rows of ``lora_B`` x 1e-38 (subnormal): only rank 0's own column maxima say
+      that a rescaling would flush ``lora_B``'s columns below the normal range; the whole columns' do not;
+    * ``huge_grad_B_row``: rank 1's last row of ``lora_B.grad`` at half the float32 maximum: the preconditioned
+      gradient (computed on rank 1's rows only) leaves the float32 range where it grows that row.
+    """
+    from optlora.distributed import copy_into_
+
+    f = method.factors[TAMPERED_LAYER]
+    kind = c["tamper"]
+    big = torch.finfo(torch.float32).max / 2
+    with torch.no_grad():
+        if kind == "moment_rows":
+            targets = [opt.state[f.lora_A]["exp_avg_sq"], opt.state[f.lora_B]["exp_avg_sq"]]
+        else:
+            targets = [f.lora_B if kind == "tiny_B_rows" else f.lora_B.grad]
+        for t in targets:
+            full = (t.full_tensor() if hasattr(t, "full_tensor") else t).clone()
+            half = full.shape[0] // 2
+            if kind == "moment_rows":
+                full[half:] = big
+            elif kind == "tiny_B_rows":
+                full[:half] *= 1e-38
+            else:
+                full[-1] = big
+            copy_into_(t, full)
+
+
 def make(c: dict, model):
     import optlora
 
-    opts = {k: v for k, v in c.items() if k not in ("method", "opt", "dtype", "model", "r", "placement", "mp")}
+    skip = ("method", "opt", "dtype", "model", "r", "placement", "mp", "tamper")
+    opts = {k: v for k, v in c.items() if k not in skip}
     if c["method"] in ("scalora", "scalora_i"):
         opts.setdefault("kappa", 0.5)
     if c["method"] == "scalora_i":
@@ -129,8 +175,10 @@ def train(c: dict, rank: int = 0, world: int = 1, sharded: bool = False) -> dict
     if method is not None:
         method.attach(opt)
     ids = token_batches(GLOBAL_BATCH, 12, seed=4)[rank::world]
-    for _ in range(STEPS):
+    for step in range(STEPS):
         model(input_ids=ids, labels=ids).loss.backward()
+        if c.get("tamper") and step == STEPS - 1:
+            tamper(c, method, opt)
         opt.step()
         opt.zero_grad()
     if method is not None and sharded:
@@ -142,7 +190,11 @@ def train(c: dict, rank: int = 0, world: int = 1, sharded: bool = False) -> dict
         if "lora_" in n or "base_layer" in n:
             state[n] = (p.full_tensor() if sharded else p).detach().clone()
     stats = {} if method is None else method.stats()
-    return {"state": state, "stats": stats}
+    out = {"state": state, "stats": stats}
+    if sharded:  # every rank's stats: the same layers skipped, for the same reasons
+        out["rank_stats"] = [None] * world
+        dist.all_gather_object(out["rank_stats"], stats)
+    return out
 
 
 def _worker(rank: int, world: int, out: str, names: list[str]) -> None:

@@ -118,6 +118,24 @@ def test_fsdp2_one_process_equals_plain(process_group, name):
 
 
 @needs_dist
+def test_fsdp2_tied_base_weight_is_refused(process_group):
+    """A tied lm_head stays one DTensor under fully_shard: merging methods refuse it as without sharding (the
+    check compares FSDP2 parameters by identity: a rank's local shard may be empty, ranks must agree)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from optlora.testing.fault_cases import _tied_llama
+
+    model = _tied_llama(["q_proj", "lm_head"])
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    with pytest.raises(ValueError, match="lm_head.*shared with.*embed_tokens"):
+        optlora.ScaLoRA(model)
+    method = optlora.ScaLoRA(model, skip_unsupported=True)
+    assert method.sharded and [f.name.split(".")[-1] for f in method.factors] == ["q_proj[default]"]
+
+
+@needs_dist
 def test_fsdp2_layouts_optlora_cannot_use_are_refused(process_group):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, distribute_tensor

@@ -7,6 +7,7 @@ part of what the ranks saved with a single-process run computed here.
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import subprocess
@@ -23,7 +24,8 @@ import fsdp_worker as W  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 
-TWO = [n for n in W.CASES if not n.endswith(("-r2", "-r2-gpt2"))] + ["nonfinite", "resume", "export", "trainer"]
+TWO = [n for n in W.CASES if not n.endswith(("-r2", "-r2-gpt2"))]
+TWO += ["nonfinite", "guard_reads", "resume", "export", "trainer"]
 FOUR = ["reflora_s-r2", "scalora-r2-gpt2"]  # ranks 2, 3 hold no rows of lora_A; GPT-2 gathers lora_B
 
 
@@ -72,11 +74,17 @@ def _update(state: dict, init: dict) -> torch.Tensor:
     return torch.cat([(state[n].double() - init[n].double()).flatten() for n in sorted(state)])
 
 
+@functools.cache
+def _single(name: str) -> dict:
+    """The single-process run of case ``name`` (once per test process)."""
+    return W.train(W.CASES[name])
+
+
 def _rel_error(name: str, out: pathlib.Path) -> tuple[float, dict, dict]:
     """Relative error of the FSDP2 run's update (all LoRA factors and base weights) against one process."""
     c = W.CASES[name]
     init = {n: p.detach().clone() for n, p in W.build_model(c).named_parameters()}
-    single = W.train(c)
+    single = _single(name)
     sharded = torch.load(out / f"{name}.pt", weights_only=False)
     u_single, u_sharded = _update(single["state"], init), _update(sharded["state"], init)
     return float((u_sharded - u_single).norm() / u_single.norm()), single, sharded
@@ -121,6 +129,45 @@ def test_nonfinite_shard_is_agreed_by_every_rank(two):
     assert all("non-finite values" in row["sync_error"] and row["layer"] in row["sync_error"] for row in skip)
     # raise: every rank refuses the step before anything changed
     assert all("Nothing was modified" in row["error"] and row["unchanged"] for row in refuse)
+
+
+def test_plain_step_nan_in_one_shard_is_refused_by_every_rank(two):
+    """Under on_nonfinite='raise' the NaN/Inf check of a step that is not due reads each rank's shards and ANDs
+    the flags over the ranks: the rank without the NaN raises too (no rank steps on while another stops)."""
+    rows = torch.load(two / "nonfinite.pt", weights_only=False)["raise-plain"]
+    assert not rows[0]["due"]
+    for row in rows:
+        assert row["error"] is not None and "Nothing was modified" in row["error"] and row["layer"] in row["error"]
+        assert row["unchanged"] and row["steps"] == 2  # factors, base weights, moments and the counter
+    assert all(row["error"] == rows[0]["error"] for row in rows)
+
+
+def test_guards_read_whole_tensor_values_on_shards(two):
+    """Row maxima and moment maxima equal the whole tensors' exactly, weight norms to rounding, on every rank."""
+    ranks = torch.load(two / "guard_reads.pt", weights_only=False)
+    for per_layout in ranks:
+        assert set(per_layout) == {"Shard(0)", "Shard(1)", "gpt2"}
+        for layout, row in per_layout.items():
+            assert row["layers"] > 0, layout
+            assert row["rows"] == 0.0 and row["moments"] == 0.0, (layout, row)
+            assert row["weight_rel"] < 1e-6, (layout, row)
+    # the check can fail: a rank's own column maxima of lora_B are not the whole tensor's
+    assert any(row["local_rows_differ"] for per_layout in ranks for row in per_layout.values())
+
+
+@pytest.mark.parametrize("name", list(W.GUARD_CASES))
+def test_range_guards_decide_on_every_rank_as_one_process(two, name):
+    """A value only one rank's shard holds (a moment, a row of lora_B or of its gradient) decides a range guard:
+    every rank skips exactly the layers one process skips, for the same reason, and applies the others (a
+    partial skip: the tampered layer shares its shape group with another)."""
+    c = W.CASES[name]
+    single = _single(name)["stats"]
+    layer = W.make(c, W.build_model(c)).factors[W.TAMPERED_LAYER].name
+    assert single["last_skip_reasons"] == ({} if c["tamper"] == "tiny_B_rows" else {layer: "out_of_range"})
+    sharded = torch.load(two / f"{name}.pt", weights_only=False)
+    assert len(sharded["rank_stats"]) == 2
+    for stats in sharded["rank_stats"]:
+        assert _same_stats(stats, single), (stats, single)
 
 
 def test_resume_from_sharded_checkpoints_is_bit_exact(two):
