@@ -160,7 +160,7 @@ class LoRAMethod:
         groups = self._active_groups() if self.is_due(step) else []
         if not groups:
             if self.on_nonfinite == "raise":  # warm-up and between intervals too: one fused reduction, one sync
-                sharded = [g for g in self._current_groups() if isinstance(g, ShardedLayerGroup)]
+                sharded = [g for g in self._current_groups(every=False) if isinstance(g, ShardedLayerGroup)]
                 # FSDP2: every rank reads its shards; the per-layer flags are ANDed over the ranks before the sync
                 bad = guards.nonfinite_layers(
                     self.factors, agree=partial(and_over_ranks, groups=sharded) if sharded else None
@@ -245,9 +245,14 @@ class LoRAMethod:
     def _range_advice(self) -> str:
         return "Check the scale of the factors (compute_dtype=torch.float64 has the widest range)."
 
-    def _current_groups(self) -> list[LayerGroup]:
-        """All layer groups, rebuilt if the model was sharded by ``fully_shard`` (or unsharded) since they were built."""
-        if self.sharded != any(isinstance(g, ShardedLayerGroup) for g in self._groups):
+    def _current_groups(self, every: bool = True) -> list[LayerGroup]:
+        """All layer groups, rebuilt if the model was sharded by ``fully_shard`` (or unsharded) since they were built.
+
+        ``every=False`` (plain steps, where a parameter lookup per adapter is a visible cost) looks at the
+        first adapter only; due steps look at every adapter, and regrouping refuses a partly sharded model.
+        """
+        sharded = self.sharded if every else bool(self.factors) and is_dtensor(self.factors[0].lora_A)
+        if sharded != any(isinstance(g, ShardedLayerGroup) for g in self._groups):
             self._groups = group_layers(self.factors)
         return self._groups
 

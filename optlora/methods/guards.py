@@ -141,7 +141,7 @@ def nonfinite_layers(factors, agree: Callable[[torch.Tensor], torch.Tensor] | No
     for i, f in enumerate(factors):
         for t in (f.lora_A, f.lora_B, f.lora_A.grad, f.lora_B.grad):
             if t is not None:
-                tensors.append(t.detach() if agree is None else local(t.detach()))
+                tensors.append(t.detach() if agree is None else local(t).detach())
                 owner.append(i)
     if agree is None:
         if not tensors:

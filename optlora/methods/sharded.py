@@ -224,7 +224,7 @@ class ShardedLayerGroup(LayerGroup):
 
     def _local_weight_sq(self) -> torch.Tensor:
         """``||block of W||_F^2`` of this rank's block of every base weight, float64 ``(L,)`` (one fused reduction)."""
-        weights = [local(f.base_weight.detach()) for f in self.factors]
+        weights = [local(f.base_weight).detach() for f in self.factors]
         dtype = torch.promote_types(weights[0].dtype, torch.float32)
         return torch.stack(torch._foreach_norm(weights, 2, dtype=dtype)).double().square()
 
