@@ -119,11 +119,13 @@ class ShardedLayerGroup(LayerGroup):
     """Same-shape adapters whose tensors are FSDP2 shards (one mesh, one placement per tensor role).
 
     Reads (:meth:`factors_and_grads`, :meth:`factor_grams`, :meth:`factor_sqnorms`,
-    :meth:`pair_grams`) answer from the step's exchange (:func:`exchange_`) and return the same
-    values on every rank: the whole ``lora_A`` and its gradient, this rank's rows of ``lora_B``
-    and its gradient (or the whole of them, where a merge needs it), summed Grams and norms and
-    agreed flags. Plans made from them therefore hold whole ``lora_A``-side tensors and, on the
-    ``lora_B`` side, the layout of the reads; writes narrow them to this rank's blocks.
+    :meth:`pair_grams`, and the guards' :meth:`row_amax`, :meth:`weight_norms`, :meth:`moment_amax`)
+    answer from the step's exchange (:func:`exchange_`) and return the same values on every rank: the
+    whole ``lora_A`` and its gradient, this rank's rows of ``lora_B`` and its gradient (or the whole of
+    them, where a merge needs it), summed Grams and norms, whole-tensor maxima and agreed flags. Plans
+    made from them therefore hold whole ``lora_A``-side tensors and, on the ``lora_B`` side, the layout
+    of the reads; writes narrow them to this rank's blocks. :meth:`restrict` keeps the exchange of the
+    layers it keeps, so a partial skip needs no second exchange.
     """
 
     def __init__(self, factors: list[LoRAFactors]):
