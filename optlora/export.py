@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import checkpoint as checkpoint_lib
 from .discovery import LoRAFactors, is_lora_model, lora_layers
 
-STATE_FILE = "optlora_state.pt"  # same name as optlora.hf.STATE_FILE (hf is not imported here)
 _TASK_TO_AUTO = {
     "CAUSAL_LM": "AutoModelForCausalLM",
     "SEQ_CLS": "AutoModelForSequenceClassification",
@@ -286,7 +286,6 @@ def load_trained(checkpoint: str, base: str, *, task: str | None = None, dtype: 
     task = task or (cfg.task_type.value if hasattr(cfg.task_type, "value") else cfg.task_type) or "FEATURE_EXTRACTION"
     auto = getattr(transformers, _TASK_TO_AUTO.get(str(task).upper(), "AutoModel"))
     model = peft.PeftModel.from_pretrained(auto.from_pretrained(base, **_dtype_kw(dtype)), checkpoint)
-    state_file = os.path.join(checkpoint, STATE_FILE)
-    if os.path.isfile(state_file):
-        apply_method_state(model, torch.load(state_file, map_location="cpu", weights_only=True))
+    if checkpoint_lib.find_state(checkpoint) is not None:
+        apply_method_state(model, checkpoint_lib.read_state(checkpoint))
     return model, auto

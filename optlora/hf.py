@@ -13,8 +13,9 @@ Trainer's gradient clipping (``max_grad_norm``) and AMP unscaling, and before th
 scheduler step, so all of these behave exactly as without optlora.
 
 On every checkpoint the callback writes ``method.state_dict()`` (step counters and, for
-ScaLoRA, the merged base weights, merge buffers and rounding RNG state, which the PEFT
-adapter checkpoint does not contain) to ``<checkpoint>/optlora_state.pt``. On resume it
+ScaLoRA, the live factors, merged base weights, merge buffers and rounding RNG state, which the
+PEFT adapter checkpoint does not contain) to ``<checkpoint>/optlora_state.safetensors``
+(:mod:`optlora.checkpoint`). On resume it
 reloads it from the checkpoint the Trainer resumed from: found automatically for
 ``resume_from_checkpoint=True`` and for checkpoints inside ``args.output_dir``; for a
 checkpoint elsewhere pass ``callback(method, resume_from=path)`` or use
@@ -28,39 +29,34 @@ from __future__ import annotations
 
 import os
 
-import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from . import checkpoint
+from .checkpoint import STATE_FILE, read_state
 from .methods import LoRAMethod
 from .optimizer_state import unwrap_optimizer
 
-STATE_FILE = "optlora_state.pt"
-
-__all__ = ["STATE_FILE", "OptLoRACallback", "OptLoRAMixin", "OptLoRATrainer", "callback", "load_state", "save_state"]
+__all__ = [
+    "STATE_FILE",
+    "OptLoRACallback",
+    "OptLoRAMixin",
+    "OptLoRATrainer",
+    "callback",
+    "load_state",
+    "read_state",
+    "save_state",
+]
 
 
 def save_state(method: LoRAMethod, directory: str | os.PathLike) -> str:
-    """Write ``method.state_dict()`` to ``directory/optlora_state.pt``; returns the file path."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, STATE_FILE)
-    torch.save(method.state_dict(), path)
-    return path
-
-
-def read_state(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Read a saved method state (a checkpoint folder or the ``optlora_state.pt`` file itself)."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, STATE_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no optlora method state at {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Write ``method``'s exact state to ``directory/optlora_state.safetensors``; returns the file path."""
+    return checkpoint.save_state(method, directory)
 
 
 def load_state(method: LoRAMethod, path: str | os.PathLike) -> None:
-    """Restore ``method`` (counters, ScaLoRA's base weights, buffers, RNG) from a checkpoint folder or file."""
-    method.load_state_dict(read_state(path))
+    """Restore ``method`` from a checkpoint folder or state file (everything checked before anything is written)."""
+    checkpoint.load_state(method, path)
 
 
 def _is_main(args) -> bool:
@@ -88,7 +84,7 @@ class OptLoRACallback(TrainerCallback):
         if self.resume_from is not None:
             return self.resume_from
         candidate = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if os.path.isfile(os.path.join(candidate, STATE_FILE)):
+        if checkpoint.find_state(candidate) is not None:
             return candidate
         raise RuntimeError(
             f"the Trainer resumed at global step {state.global_step}, but {candidate}/{STATE_FILE} does not exist, "
@@ -124,7 +120,7 @@ class OptLoRACallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         # Trainer reloaded the best adapter: bring ScaLoRA's merged base weights back to the same step.
         best = state.best_model_checkpoint
-        if getattr(args, "load_best_model_at_end", False) and best and os.path.isfile(os.path.join(best, STATE_FILE)):
+        if getattr(args, "load_best_model_at_end", False) and best and checkpoint.find_state(best) is not None:
             load_state(self.method, best)
         return control
 

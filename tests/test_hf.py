@@ -165,7 +165,8 @@ def test_load_best_model_at_end_restores_that_method_state(tmp_path):
     saved = optlora.hf.read_state(trainer.state.best_model_checkpoint)
     assert method.steps == 2
     for f in method.factors:
-        assert torch.equal(f.base_weight, saved["base_weights"][f.name])
+        assert torch.equal(f.base_weight, saved["base_weights"][f.name.rsplit("[", 1)[0]])
+        assert torch.equal(f.lora_A, saved["factors"][f.name]["lora_A"])
 
 
 def test_callback_rejects_non_method():

@@ -15,9 +15,14 @@ hook runs three phases:
 
 Subclasses implement ``_plan`` (or ``_plan_all``) and ``_apply`` only; every read and write of a
 parameter goes through :class:`optlora.methods.layers.LayerGroup`.
+
+``load_state_dict`` is transactional: it checks names, shapes, dtypes, method and config of
+the whole state before it writes anything.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 
@@ -27,6 +32,36 @@ from ..optimizer_state import moment_tensors, require_moment_rule, unwrap_optimi
 from .layers import LayerGroup, group_factors
 
 _ATTACHED = "_optlora_method"
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor {tuple(value.shape)} {value.dtype}"
+    return type(value).__name__
+
+
+def check_tensors(what: str, saved, live: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a saved ``{name: tensor}`` that does not match ``live`` exactly (names, shapes, dtypes).
+
+    A shape is never broadcast (a (1, n) tensor does not fit a (4, n) weight) and a dtype never cast.
+    """
+    if not isinstance(saved, Mapping):
+        raise ValueError(f"state_dict[{what!r}] must be a mapping of name -> tensor, got {type(saved).__name__}")
+    missing, extra = sorted(set(live) - set(saved)), sorted(set(saved) - set(live))
+    if missing or extra:
+        raise ValueError(
+            f"state_dict[{what!r}] does not match this model's LoRA layers: "
+            + (f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''} " if missing else "")
+            + (f"unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}" if extra else "")
+            + ". Was it saved from a model with the same LoRA configuration?"
+        )
+    for name, want in live.items():
+        got = saved[name]
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype:
+            raise ValueError(
+                f"state_dict[{what!r}][{name!r}] is {_describe(got)}, this model has {_describe(want)}: "
+                "nothing was loaded"
+            )
 
 
 class LoRAMethod:
@@ -192,9 +227,38 @@ class LoRAMethod:
         """Counters and configuration (subclasses add what they own). Tensors are not copied."""
         return {"config": self.config(), "steps": self.steps, "method_steps": self.method_steps}
 
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("config") != self.config():
-            raise ValueError(f"state_dict was saved with config {state.get('config')}, this method has {self.config()}")
+    def check_state_dict(self, state: Mapping) -> None:
+        """Raise ``ValueError`` unless ``state`` fits this method and model; writes nothing."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"a method state_dict is a mapping, got {type(state).__name__}")
+        missing = [k for k in ("config", "steps", "method_steps") if k not in state]
+        if missing:
+            raise ValueError(f"state_dict has no {missing}: not an optlora method state (keys: {sorted(state)[:8]})")
+        saved, mine = state["config"], self.config()
+        if saved != mine:
+            diff = (
+                {k: (saved.get(k), mine.get(k)) for k in set(saved) | set(mine) if saved.get(k) != mine.get(k)}
+                if isinstance(saved, Mapping)
+                else saved
+            )
+            raise ValueError(
+                f"state_dict was saved by another method or configuration (saved, this method): {diff}; "
+                f"this method is {mine}"
+            )
+        steps, method_steps = state["steps"], state["method_steps"]
+        for key, value in (("steps", steps), ("method_steps", method_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"state_dict[{key!r}] must be an int >= 0, got {value!r}")
+        if method_steps > steps:
+            raise ValueError(f"state_dict has method_steps={method_steps} > steps={steps}: corrupted")
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore a :meth:`state_dict`; everything is checked (:meth:`check_state_dict`) before anything is written."""
+        self.check_state_dict(state)
+        self._write_state(state)
+
+    def _write_state(self, state: Mapping) -> None:
+        """Write a checked state (subclasses write their tensors first, then call this)."""
         self.steps = int(state["steps"])
         self.method_steps = int(state["method_steps"])
 

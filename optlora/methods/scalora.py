@@ -20,11 +20,13 @@ to rank r. **ScaLoRA-I** does the same every ``interval`` steps.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .. import merge
 from ..functional import chain_rule_rescaling, scalora_merge_coefficient, scalora_scalings
-from .base import LoRAMethod
+from .base import LoRAMethod, check_tensors
 from .layers import LayerGroup
 
 
@@ -91,6 +93,8 @@ class ScaLoRA(LoRAMethod):
             if shared[key] is not None:
                 self.buffers[f.name] = shared[key]
         self._generators: dict[torch.device, torch.Generator] = {}
+        for f in self.factors:  # eagerly: a checkpoint taken before the first merge must still hold the RNG state
+            self._generator(f.base_weight.device)
 
     def config(self) -> dict:
         return {**super().config(), "kappa": self.kappa, "mode": self.mode, "merge_precision": self.merge_precision}
@@ -131,30 +135,92 @@ class ScaLoRA(LoRAMethod):
         self._rescale_group_(group, chain_rule_rescaling(alpha, beta))
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
-        """Counters, the merged base weights, merge buffers and the rounding RNG state.
+    def _layers(self) -> dict[str, torch.Tensor]:
+        """Base weight of every merged layer, keyed by its module path (adapters of one layer share it)."""
+        return {_path(f.name): f.base_weight for f in self.factors}
 
-        The base weights are not part of a PEFT adapter checkpoint, so they are saved here.
+    def _layer_buffers(self) -> dict[str, torch.Tensor]:
+        return {_path(f.name): b for f in self.factors if (b := self.buffers.get(f.name)) is not None}
+
+    def state_dict(self) -> dict:
+        """Counters, the live factors, the merged base weights, merge buffers and the rounding RNG state.
+
+        ScaLoRA's model is ``W_now + s B A`` with ``W_now`` rewritten at every merge (Sec. 3.1), so the
+        factors and the base weights are only right together: both are saved here (tensors are not
+        copied). Base weights and buffers are keyed by layer path, factors by ``path[adapter]``.
         """
         return {
             **super().state_dict(),
-            "base_weights": {f.name: f.base_weight.detach() for f in self.factors},
-            "buffers": dict(self.buffers),
+            "factors": {f.name: {"lora_A": f.lora_A.detach(), "lora_B": f.lora_B.detach()} for f in self.factors},
+            "base_weights": {path: w.detach() for path, w in self._layers().items()},
+            "buffers": self._layer_buffers(),
             "rng": {str(d): g.get_state() for d, g in self._generators.items()},
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        names = {f.name for f in self.factors}
-        if set(state["base_weights"]) != names:
-            raise ValueError("state_dict's merged base weights do not match this model's LoRA layers")
-        super().load_state_dict(state)
+    def check_state_dict(self, state) -> None:
+        """Config and counters (:meth:`LoRAMethod.check_state_dict`), then every tensor's name, shape and dtype."""
+        super().check_state_dict(state)
+        missing = [k for k in ("base_weights", "rng") if k not in state]
+        if missing:
+            raise ValueError(f"a ScaLoRA state_dict needs {missing} (ScaLoRA rewrites the base weights)")
+        check_tensors("base_weights", _by_path(state["base_weights"]), self._layers())
+        check_tensors("buffers", _by_path(state.get("buffers", {})), self._layer_buffers())
+        if "factors" in state:  # states saved before the factors were part of it rely on the PEFT adapter
+            factors = state["factors"]
+            if not isinstance(factors, dict) or not all(isinstance(v, dict) for v in factors.values()):
+                raise ValueError("state_dict['factors'] must map 'path[adapter]' -> {'lora_A': ..., 'lora_B': ...}")
+            for which in ("lora_A", "lora_B"):
+                got = {n: v.get(which) for n, v in factors.items()}
+                check_tensors(f"factors.{which}", got, {f.name: getattr(f, which) for f in self.factors})
+        self._rng_plan(state["rng"])
+
+    def _rng_plan(self, rng, *, warn: bool = False) -> dict[torch.device, torch.Tensor]:
+        """Saved generator state per live device (checked on a scratch generator); one device maps to one."""
+        if not isinstance(rng, dict):
+            raise ValueError(f"state_dict['rng'] must map device -> generator state, got {type(rng).__name__}")
+        try:
+            saved = {torch.device(d): st for d, st in rng.items()}
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"state_dict['rng'] has a key that is not a device: {exc}") from exc
+        if len(saved) == 1 and len(self._generators) == 1:  # e.g. saved on cuda:1, resumed on cuda:0
+            (dev,), (other, st) = self._generators, next(iter(saved.items()))
+            saved = {dev: st} if other.type == dev.type else saved
+        plan = {}
+        for dev in self._generators:
+            if dev not in saved:
+                if warn and self._rounds_stochastically():
+                    warnings.warn(
+                        f"the state has no stochastic-rounding generator state for {dev} (saved: {list(rng)}); "
+                        "later merges round with other random bits than the saved run (the model itself is exact)",
+                        stacklevel=4,
+                    )
+                continue
+            st = saved[dev]
+            st = st.cpu() if isinstance(st, torch.Tensor) else st
+            try:
+                torch.Generator(device=dev).set_state(st)
+            except (RuntimeError, TypeError, ValueError) as exc:
+                raise ValueError(f"state_dict['rng'][{str(dev)!r}] is not a generator state: {exc}") from exc
+            plan[dev] = st
+        return plan
+
+    def _write_state(self, state) -> None:
+        rng = self._rng_plan(state["rng"], warn=True)
+        weights, buffers = _by_path(state["base_weights"]), _by_path(state.get("buffers", {}))
         with torch.no_grad():
-            for f in self.factors:
-                f.base_weight.copy_(state["base_weights"][f.name])
-                if f.name in self.buffers:
-                    self.buffers[f.name].copy_(state["buffers"][f.name])
-        for dev, st in state.get("rng", {}).items():
-            self._generator(torch.device(dev)).set_state(st.cpu() if isinstance(st, torch.Tensor) else st)
+            for f in self.factors if "factors" in state else ():
+                f.lora_A.copy_(state["factors"][f.name]["lora_A"])
+                f.lora_B.copy_(state["factors"][f.name]["lora_B"])
+            for path, w in self._layers().items():
+                w.copy_(weights[path])
+            for path, b in self._layer_buffers().items():
+                b.copy_(buffers[path])
+        for dev, st in rng.items():
+            self._generators[dev].set_state(st)
+        super()._write_state(state)
+
+    def _rounds_stochastically(self) -> bool:
+        return any(merge.resolve_mode(self.merge_precision, f.base_weight.dtype) == "stochastic" for f in self.factors)
 
     def stats(self) -> dict:
         out = super().stats()
@@ -163,3 +229,22 @@ class ScaLoRA(LoRAMethod):
             col = self._last["column"]
             out["column_fraction"] = float(col.sum()) / max(1, col.numel())
         return out
+
+
+def _path(name: str) -> str:
+    """``"path[adapter]"`` -> ``"path"``."""
+    return name.rsplit("[", 1)[0] if name.endswith("]") else name
+
+
+def _by_path(saved):
+    """Key a saved ``{name: tensor}`` by layer path (states saved before this version used ``path[adapter]``)."""
+    if not isinstance(saved, dict):
+        return saved
+    out: dict = {}
+    for name, t in saved.items():
+        path = _path(name) if isinstance(name, str) else name
+        same = isinstance(t, torch.Tensor) and isinstance(out.get(path), torch.Tensor) and torch.equal(out[path], t)
+        if path in out and not same:
+            raise ValueError(f"state_dict has two different tensors for layer {path!r}")
+        out[path] = t
+    return out
