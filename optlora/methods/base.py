@@ -16,15 +16,21 @@ hook runs three phases:
 Subclasses implement ``_plan`` (or ``_plan_all``) and ``_apply`` only; every read and write of a
 parameter goes through :class:`optlora.methods.layers.LayerGroup`.
 
+A method *claims* its model when it is built (and again when it is attached): from then on,
+an optimizer that steps the model's LoRA parameters without the method attached raises
+instead of silently training plain LoRA, and the hooks registered with
+:func:`on_claim` run (:mod:`optlora.persist` installs its save/load guard there).
 ``load_state_dict`` is transactional: it checks names, shapes, dtypes, method and config of
 the whole state before it writes anything.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ..discovery import find_lora_factors
 from ..distributed import check_not_sharded
@@ -32,6 +38,53 @@ from ..optimizer_state import moment_tensors, require_moment_rule, unwrap_optimi
 from .layers import LayerGroup, group_factors
 
 _ATTACHED = "_optlora_method"
+
+#: model -> weak reference to the method that trains it (the last one built or attached on it)
+_OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: called with a method each time it claims its model (built, or attached after another method claimed it)
+_CLAIM_HOOKS: list[Callable[[LoRAMethod], None]] = []
+
+
+def on_claim(hook: Callable[[LoRAMethod], None]) -> None:
+    """Register ``hook(method)``, run whenever a method claims its model (integrations install guards here)."""
+    if hook not in _CLAIM_HOOKS:
+        _CLAIM_HOOKS.append(hook)
+
+
+def owner_of(model: torch.nn.Module) -> LoRAMethod | None:
+    """The method that currently trains ``model`` (the last one built or attached on it), if any."""
+    ref = _OWNERS.get(model)
+    return None if ref is None else ref()
+
+
+def _refuse_unattached_step(optimizer, args, kwargs) -> None:
+    """Global optimizer step pre-hook: a model's LoRA parameters stepped without its method attached.
+
+    Forgetting ``attach`` (or the Trainer callback) would otherwise train plain LoRA without a word.
+    """
+    for ref in list(_OWNERS.values()):
+        method = ref()
+        if method is None or method.optimizer is optimizer or method._released:
+            continue
+        if method._holds(optimizer):
+            raise RuntimeError(
+                f"{type(optimizer).__name__}.step() updates the LoRA parameters that {type(method).__name__} was "
+                f"built for, but the method is not attached to this optimizer, so it would train plain LoRA. Call "
+                "method.attach(optimizer) (with a Trainer: callbacks=[optlora.hf.callback(method)]), or "
+                "method.detach() to train without it. Nothing was updated."
+            )
+
+
+register_optimizer_step_pre_hook(_refuse_unattached_step)
+
+
+class _ClaimsOnBuild(type):
+    """Claims the model once an instance is fully built (after every subclass ``__init__``)."""
+
+    def __call__(cls, *args, **kwargs):
+        method = super().__call__(*args, **kwargs)
+        method._claim()
+        return method
 
 
 def _describe(value) -> str:
@@ -64,7 +117,7 @@ def check_tensors(what: str, saved, live: Mapping[str, torch.Tensor]) -> None:
             )
 
 
-class LoRAMethod:
+class LoRAMethod(metaclass=_ClaimsOnBuild):
     """Base class: warm-up, interval, attach/detach, checks, state_dict and stats."""
 
     name = "lora"
@@ -108,6 +161,20 @@ class LoRAMethod:
         self.method_steps = 0  # steps on which the method was applied
         self._last: dict[str, torch.Tensor] = {}  # device tensors from the last applied step
         self._last_names: list[str] = []  # the layers those tensors describe
+        self._released = False  # detach() was called: training without the method is intended
+        self._param_ids = {id(p) for f in self.factors for p in (f.lora_A, f.lora_B)}
+
+    def _claim(self) -> None:
+        """Become the method that trains ``self.model`` (built, or attached after another method)."""
+        if owner_of(self.model) is self:
+            return
+        _OWNERS[self.model] = weakref.ref(self)
+        for hook in _CLAIM_HOOKS:
+            hook(self)
+
+    def _holds(self, optimizer) -> bool:
+        """Whether ``optimizer`` steps any of this method's LoRA parameters."""
+        return any(id(p) in self._param_ids for g in optimizer.param_groups for p in g["params"])
 
     # ------------------------------------------------------------------ wiring
     def attach(self, optimizer) -> LoRAMethod:
@@ -132,9 +199,13 @@ class LoRAMethod:
         self.optimizer = opt
         self._handle = opt.register_step_pre_hook(self._pre_step)
         setattr(opt, _ATTACHED, self)
+        self._released = False
+        self._claim()
         return self
 
     def detach(self) -> None:
+        """Stop applying the method; the optimizer may then train the model as plain LoRA."""
+        self._released = True
         if self._handle is not None:
             self._handle.remove()
             self._handle = None

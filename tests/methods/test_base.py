@@ -304,3 +304,49 @@ def test_optimizer_state_without_an_exact_rule_is_refused_before_anything_change
         for key in ("A", "B", "W", "gA", "gB"):
             np.testing.assert_array_equal(before[name][key], after[name][key])
     assert (method.steps, method.method_steps) == (1, 0)
+
+
+# ---------------------------------------------------------------------------------------------- not attached
+@pytest.mark.parametrize("name", list(METHODS))
+def test_training_without_attaching_the_method_raises_before_any_update(name):
+    """Forgetting attach() (or the Trainer callback) would train plain LoRA without a word."""
+    model, loss_fn, batch = build("mlp")
+    method = METHODS[name](model, warmup_steps=0)
+    opt = torch.optim.AdamW(lora_params(model), lr=0.01)
+    opt.zero_grad()
+    forward_backward(model, loss_fn, batch)
+    before = params_np(model)
+    with pytest.raises(RuntimeError, match="not attached"):
+        opt.step()
+    assert all(np.array_equal(a, b) for a, b in zip(before, params_np(model)))
+    assert method.steps == 0
+    method.detach()  # explicit: train without the method from here on
+    opt.step()
+    assert not all(np.array_equal(a, b) for a, b in zip(before, params_np(model)))
+
+
+def test_only_optimizers_of_the_methods_parameters_are_refused():
+    model, loss_fn, batch = build("mlp")
+    other, _, _ = build("mlp", seed=1)
+    method = optlora.ScaLoRA(model, warmup_steps=0)
+    attached = torch.optim.SGD(lora_params(model), lr=0.01)
+    method.attach(attached)
+    unrelated = torch.optim.SGD(lora_params(other), lr=0.01)  # another model: not this method's business
+    forward_backward(other, loss_fn, batch)
+    unrelated.step()
+    second = torch.optim.SGD(lora_params(model)[:1], lr=0.01)  # a second optimizer over the same LoRA parameters
+    forward_backward(model, loss_fn, batch)
+    with pytest.raises(RuntimeError, match="not attached"):
+        second.step()
+    attached.step()
+    assert method.steps == 1
+
+
+def test_the_last_method_built_on_a_model_is_the_one_checked():
+    model, loss_fn, batch = build("mlp")
+    optlora.RefLoRA(model, warmup_steps=0)  # superseded below
+    method = optlora.ScaLoRA(model, kappa=0.3, warmup_steps=0)
+    opt = torch.optim.SGD(lora_params(model), lr=0.01)
+    method.attach(opt)
+    train_steps(model, opt, loss_fn, batch, 2)
+    assert method.method_steps == 2
