@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -99,6 +100,63 @@ def svd_compress(delta: torch.Tensor, *, rank: int | None = None, tol: float | N
     )
 
 
+def lowrank_compress(
+    delta: torch.Tensor, *, rank: int | None = None, tol: float | None = None, niter: int = 2, seed: int = 0
+) -> Compressed:
+    """:func:`svd_compress` by a randomized range finder (Halko, Martinsson, Tropp 2011, Alg. 4.4), for large layers.
+
+    ``O(m n q)`` instead of a full SVD's ``O(m n min(m, n))``: a ``q``-column basis ``Q`` of the range
+    of ``delta`` (``niter`` power iterations, ``q`` doubled until ``tol`` is met), then the exact SVD of
+    the small ``Q^T delta``. The result ``Q Q^T delta`` truncated to rank ``k`` is written, and its
+    ``rel_error`` is computed from the residual ``delta - lora_B lora_A`` itself, so the stated error
+    is the error of these factors; the rank may exceed the Eckart-Young minimum by a little. Deterministic (own generator: the global RNG is not touched).
+    Falls back to :func:`svd_compress` where ``q`` reaches a quarter of ``min(m, n)``.
+    """
+    if delta.ndim != 2:
+        raise ValueError(f"delta must be a matrix, got shape {tuple(delta.shape)}")
+    if rank is None and tol is None:
+        raise ValueError("give rank=, tol= or both")
+    if tol is not None and not 0 <= tol < 1:
+        raise ValueError(f"tol must be in [0, 1), got {tol!r}")
+    d = delta.float() if delta.dtype not in (torch.float32, torch.float64) else delta
+    full = min(d.shape)
+    cap = full if rank is None else min(rank, full)
+    total2 = float(d.double().square().sum())
+    gen = torch.Generator(device=d.device).manual_seed(seed)
+    q = min(cap, 32) + 8
+    while total2 > 0 and 4 * q < full:
+        Y = d @ torch.randn(d.shape[1], q, dtype=d.dtype, device=d.device, generator=gen)
+        Q = torch.linalg.qr(Y).Q
+        for _ in range(niter):  # power iterations sharpen the basis where the spectrum decays slowly
+            Q = torch.linalg.qr(d @ torch.linalg.qr(d.mT @ Q).Q).Q
+        Uc, S, Vh = torch.linalg.svd(Q.mT @ d, full_matrices=False)
+        resid2 = total2 - S.double().square().cumsum(0)  # residual of the rank-(i+1) projection (a first guess)
+        ok = (resid2 <= (tol**2) * total2).nonzero() if tol is not None else resid2.new_zeros(0, 1)
+        if ok.numel() or q - 8 >= cap:
+            k = max(1, min(int(ok[0]) + 1 if ok.numel() else cap, cap))
+            left = Q @ Uc
+            err2 = _residual2(d, left[:, :k] * S[:k], Vh[:k])  # exact, unlike the float32 difference above
+            while tol is not None and err2 > tol**2 * total2 and k < min(cap, S.numel()):
+                k += 1
+                err2 = _residual2(d, left[:, :k] * S[:k], Vh[:k])
+            root = S[:k].sqrt()
+            return Compressed(
+                lora_A=root[:, None] * Vh[:k],
+                lora_B=left[:, :k] * root[None, :],
+                rank=k,
+                rel_error=(err2 / total2) ** 0.5,
+                norm=total2**0.5,
+                singular_values=S,
+            )
+        q = min(2 * (q - 8), cap) + 8
+    return svd_compress(delta, rank=rank, tol=tol)
+
+
+def _residual2(d: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> float:
+    """``||d - left @ right||_F^2`` in float64 accumulation."""
+    return float(torch.addmm(d, left, right, alpha=-1).double().square().sum())
+
+
 # ---------------------------------------------------------------------------------------------- model access
 def _dense(f: LoRAFactors, base_weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``W_now - W_pretrained`` (out x in) of one layer: merged base drift plus the live adapter."""
@@ -142,6 +200,115 @@ class ExportReport:
 
 
 # ---------------------------------------------------------------------------------------------- exports
+_LORA_KEYS = (".lora_A.", ".lora_B.", ".lora_embedding_", ".lora_magnitude_vector")
+#: the per-layer error statement written next to every compressed adapter
+REPORT_FILE = "optlora_export.json"
+
+
+def update_adapter(
+    model: nn.Module,
+    original: Callable[[LoRAFactors], torch.Tensor],
+    *,
+    rank: int | None = None,
+    tol: float | None = None,
+    adapter: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype = torch.float32,
+    path: str = "",
+    compress: Callable[..., Compressed] = svd_compress,
+):
+    """``W_now - W_pretrained`` of every LoRA layer of ``adapter`` as a standard PEFT LoRA adapter.
+
+    Each layer's update is compressed by truncated SVD (:func:`svd_compress`) and stored at the
+    live adapter's own PEFT scale ``s`` (``lora_alpha = s * rank`` per layer), so the factors mean
+    the same in any model that loads them. ``original(f)`` returns layer ``f``'s pretrained
+    weight (as stored); it is read one layer at a time. ``compress`` is :func:`svd_compress` (exact
+    Eckart-Young) or :func:`lowrank_compress` (randomized, for saving often). Non-LoRA entries of the adapter
+    (``modules_to_save``, biases) are carried as PEFT saves them.
+
+    Returns ``(config, tensors, report)`` for :func:`write_adapter`.
+    """
+    import peft
+    from peft.utils import get_peft_model_state_dict
+
+    if rank is None and tol is None:
+        raise ValueError("the adapter export needs rank= (same rank everywhere) and/or tol= (rank per layer)")
+    layers = lora_layers(model, adapter)
+    adapter = layers[0].adapter
+    report = ExportReport(path=path)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    resid2 = total2 = 0.0
+    for f in layers:
+        with torch.no_grad():
+            c = compress(_dense(f, original(f), compute_dtype), rank=rank, tol=tol)
+        root_s = f.scaling**0.5  # s * (B / sqrt s) (A / sqrt s) = B A: the adapter's own scale carries the update
+        tensors[f"base_model.model.{f.name}.lora_A.weight"] = (c.lora_A / root_s).to(dtype).contiguous().cpu()
+        tensors[f"base_model.model.{f.name}.lora_B.weight"] = (c.lora_B / root_s).to(dtype).contiguous().cpu()
+        ranks[f.name], alphas[f.name] = c.rank, f.scaling * c.rank
+        report.layers[f.name] = {
+            "rank": c.rank,
+            "rel_error": c.rel_error,
+            "norm": c.norm,
+            "singular_values": c.singular_values.cpu(),
+        }
+        resid2 += (c.rel_error * c.norm) ** 2
+        total2 += c.norm**2
+        report.total_rank += c.rank
+        report.parameters += c.lora_A.numel() + c.lora_B.numel()
+    report.rel_error = (resid2 / total2) ** 0.5 if total2 > 0 else 0.0
+
+    src = getattr(model, "peft_config", {}).get(adapter)
+    if src is not None:
+        live = get_peft_model_state_dict(model, adapter_name=adapter)
+        other = sorted({k for k in live if any(t in k for t in _LORA_KEYS)} - set(tensors))
+        if other:
+            raise ValueError(
+                f"adapter {adapter!r} has LoRA weights outside its Linear layers ({other[:3]}): their update cannot be "
+                "written as a compressed adapter. Use optlora.export.export_merged for the full model."
+            )
+        tensors.update({k: v.contiguous().cpu() for k, v in live.items() if k not in tensors})
+        config = copy.deepcopy(src)
+    else:
+        config = peft.LoraConfig(target_modules=sorted(ranks), lora_dropout=0.0, bias="none")
+    order = sorted(ranks, key=len, reverse=True)  # PEFT takes the first matching pattern: longer paths first
+    top = max(ranks.values())
+    config.r, config.lora_alpha, config.use_rslora = top, top, False
+    config.rank_pattern = {n: ranks[n] for n in order}
+    config.alpha_pattern = {n: alphas[n] for n in order}
+    config.init_lora_weights = True
+    config.inference_mode = True
+    _check_patterns(config, ranks)
+    return config, tensors, report
+
+
+def _check_patterns(config, ranks: dict[str, int]) -> None:
+    """Every layer must resolve to its own rank under PEFT's pattern matching (else nothing is written)."""
+    from peft.utils.other import get_pattern_key
+
+    for name, k in ranks.items():
+        key = get_pattern_key(list(config.rank_pattern), name)
+        if config.rank_pattern.get(key) != k:
+            raise RuntimeError(f"PEFT would give layer {name!r} the rank of pattern {key!r}; refusing to write")
+
+
+def write_adapter(
+    out_dir: str | os.PathLike, config, tensors: dict, report: ExportReport, *, safe: bool = True
+) -> None:
+    """Write ``adapter_config.json``, the weights and the error report (``optlora_export.json``) to ``out_dir``."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    config.save_pretrained(out_dir)
+    if safe:
+        save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    else:
+        torch.save(tensors, os.path.join(out_dir, "adapter_model.bin"))
+    with open(os.path.join(out_dir, REPORT_FILE), "w") as fh:
+        json.dump(report.to_json(), fh, indent=1)
+
+
 def export_adapter(
     model: nn.Module,
     base: nn.Module,
@@ -163,69 +330,31 @@ def export_adapter(
         tol: per layer, the smallest rank with relative Frobenius error ``<= tol`` (``rank_pattern``).
         dtype: dtype of the saved factors. compute_dtype: of the difference and the SVD.
 
-    Load it with plain PEFT: ``PeftModel.from_pretrained(original_base, out_dir)``.
+    Load it with plain PEFT: ``PeftModel.from_pretrained(original_base, out_dir)``. A model saved with
+    ``save_pretrained`` while :mod:`optlora.persist` guards it gets the same adapter without ``base``.
     """
-    import peft
-    from safetensors.torch import save_file
-
-    if rank is None and tol is None:
-        raise ValueError("export_adapter needs rank= (same rank everywhere) and/or tol= (rank per layer)")
     if is_lora_model(base):
         raise TypeError("base must be the original model without LoRA layers (not a PeftModel)")
-    layers = lora_layers(model, adapter)
-    adapter = layers[0].adapter
-    report = ExportReport(path=os.fspath(out_dir))
-    tensors: dict[str, torch.Tensor] = {}
-    resid2 = total2 = 0.0
-    for f in layers:
+
+    def original(f: LoRAFactors) -> torch.Tensor:
         try:
-            w_pt = base.get_submodule(f.name).weight
+            return base.get_submodule(f.name).weight
         except AttributeError as exc:
             raise ValueError(
                 f"base has no module {f.name!r}: is it the same architecture as the trained model?"
             ) from exc
-        with torch.no_grad():
-            c = svd_compress(_dense(f, w_pt, compute_dtype), rank=rank, tol=tol)
-        tensors[f"base_model.model.{f.name}.lora_A.weight"] = c.lora_A.to(dtype).contiguous().cpu()
-        tensors[f"base_model.model.{f.name}.lora_B.weight"] = c.lora_B.to(dtype).contiguous().cpu()
-        report.layers[f.name] = {
-            "rank": c.rank,
-            "rel_error": c.rel_error,
-            "norm": c.norm,
-            "singular_values": c.singular_values.cpu(),
-        }
-        resid2 += (c.rel_error * c.norm) ** 2
-        total2 += c.norm**2
-        report.total_rank += c.rank
-        report.parameters += c.lora_A.numel() + c.lora_B.numel()
-    report.rel_error = (resid2 / total2) ** 0.5 if total2 > 0 else 0.0
 
-    src = model.peft_config[adapter] if hasattr(model, "peft_config") else None
-    ranks = {n: v["rank"] for n, v in report.layers.items()}
-    r0 = max(ranks.values())
-    config = peft.LoraConfig(
-        r=r0,
-        lora_alpha=r0,  # scaling 1: the factors carry the update
-        target_modules=sorted(ranks),
-        rank_pattern={n: k for n, k in ranks.items() if k != r0},
-        alpha_pattern={n: k for n, k in ranks.items() if k != r0},
-        lora_dropout=0.0,
-        bias="none",
-        fan_in_fan_out=bool(getattr(src, "fan_in_fan_out", False)),
-        task_type=getattr(src, "task_type", None),
-        modules_to_save=getattr(src, "modules_to_save", None),
-        base_model_name_or_path=getattr(src, "base_model_name_or_path", None),
+    config, tensors, report = update_adapter(
+        model,
+        original,
+        rank=rank,
+        tol=tol,
+        adapter=adapter,
+        dtype=dtype,
+        compute_dtype=compute_dtype,
+        path=str(out_dir),
     )
-    if getattr(src, "modules_to_save", None):
-        from peft.utils import get_peft_model_state_dict
-
-        extra = get_peft_model_state_dict(model, adapter_name=adapter)
-        tensors.update({k: v.to(dtype).contiguous().cpu() for k, v in extra.items() if ".lora_" not in k})
-    os.makedirs(out_dir, exist_ok=True)
-    config.save_pretrained(out_dir)
-    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "optlora_export.json"), "w") as fh:
-        json.dump(report.to_json(), fh, indent=1)
+    write_adapter(out_dir, config, tensors, report)
     return report
 
 

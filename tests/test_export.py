@@ -123,7 +123,7 @@ def test_export_adapter_truncated_error_is_what_peft_loads(scalora_model, tmp_pa
     resid2 = total2 = 0.0
     for f in ex.lora_layers(loaded):
         info = report.layers[f.name]
-        assert f.rank == info["rank"] and f.scaling == 1.0
+        assert f.rank == info["rank"] and f.scaling == trained[f.name].scaling  # the live adapter's scale is kept
         true = ex._dense(trained[f.name], original.get_submodule(f.name).weight, torch.float64)
         got = f.scaling * f.lora_B.double() @ f.lora_A.double()
         err = float((got - true).norm() / true.norm())
@@ -148,3 +148,23 @@ def test_export_adapter_rejects_bad_input(scalora_model, tmp_path):
         ex.export_adapter(model, tiny_llama(SEED), tmp_path)
     with pytest.raises(TypeError, match="original model"):
         ex.export_adapter(model, model, tmp_path, rank=2)
+
+
+@pytest.mark.parametrize("shape,true_rank", [((96, 160), 12), ((160, 96), 40), ((24, 30), 6)])
+def test_lowrank_compress_states_the_error_of_what_it_writes(shape, true_rank):
+    g = torch.Generator().manual_seed(true_rank)
+    delta = torch.randn(shape[0], true_rank, generator=g) @ torch.randn(true_rank, shape[1], generator=g)
+    delta += 1e-3 * torch.randn(*shape, generator=g)  # a full-rank tail, as merged increments leave
+    state = torch.random.get_rng_state()
+    for kw in ({"tol": 1e-2}, {"tol": 1e-4}, {"rank": 5}, {"tol": 1e-6, "rank": 8}):
+        fast, exact = ex.lowrank_compress(delta, **kw), ex.svd_compress(delta, **kw)
+        true = float((delta.double() - fast.lora_B.double() @ fast.lora_A.double()).norm() / delta.double().norm())
+        assert fast.rel_error == pytest.approx(true, rel=1e-3, abs=1e-7)
+        if "tol" in kw and fast.rank < kw.get("rank", 10**9):
+            assert fast.rel_error <= kw["tol"]
+        assert exact.rank <= fast.rank <= exact.rank + 2  # near the Eckart-Young minimum
+        assert fast.rank <= kw.get("rank", 10**9)
+        again = ex.lowrank_compress(delta, **kw)
+        assert torch.equal(again.lora_A, fast.lora_A)  # deterministic
+    assert torch.equal(torch.random.get_rng_state(), state)  # saving never moves the training RNG
+    assert ex.lowrank_compress(torch.zeros(40, 50), tol=0.1).rel_error == 0.0
