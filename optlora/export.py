@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import checkpoint as checkpoint_lib
 from .discovery import LoRAFactors, is_lora_model, lora_layers
 
 _TASK_TO_AUTO = {
@@ -401,20 +400,3 @@ def _dtype_kw(dtype: torch.dtype | None) -> dict:
 
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
-
-
-def load_trained(checkpoint: str, base: str, *, task: str | None = None, dtype: torch.dtype | None = None):
-    """Rebuild a trained model: ``base`` (hub id or path) + the PEFT adapter and optlora state in ``checkpoint``.
-
-    Returns ``(peft_model, auto_class)``.
-    """
-    import peft
-    import transformers
-
-    cfg = peft.PeftConfig.from_pretrained(checkpoint)
-    task = task or (cfg.task_type.value if hasattr(cfg.task_type, "value") else cfg.task_type) or "FEATURE_EXTRACTION"
-    auto = getattr(transformers, _TASK_TO_AUTO.get(str(task).upper(), "AutoModel"))
-    model = peft.PeftModel.from_pretrained(auto.from_pretrained(base, **_dtype_kw(dtype)), checkpoint)
-    if checkpoint_lib.find_state(checkpoint) is not None:
-        apply_method_state(model, checkpoint_lib.read_state(checkpoint))
-    return model, auto

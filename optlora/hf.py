@@ -12,11 +12,13 @@ step pre-hook, i.e. once per *optimizer* step (after gradient accumulation), aft
 Trainer's gradient clipping (``max_grad_norm``) and AMP unscaling, and before the LR
 scheduler step, so all of these behave exactly as without optlora.
 
-On every checkpoint the callback writes ``method.state_dict()`` (step counters and, for
-ScaLoRA, the live factors, merged base weights, merge buffers and rounding RNG state, which the
-PEFT adapter checkpoint does not contain) to ``<checkpoint>/optlora_state.safetensors``
-(:mod:`optlora.checkpoint`). On resume it
-reloads it from the checkpoint the Trainer resumed from: found automatically for
+Every checkpoint is complete without the callback's help: the Trainer saves it with
+``model.save_pretrained``, which a method built on a ``PeftModel`` guards (:mod:`optlora.persist`):
+a standard PEFT adapter (for ScaLoRA, the accumulated update for the original base) plus
+``optlora_state.safetensors`` with the exact method state. On resume the Trainer calls
+``model.load_adapter``, which the same guard turns into an exact restore. The callback writes the
+state itself only where no guard did (a method built on a module that is not a ``PeftModel``), and
+on resume restores it where the guard has not already: found automatically for
 ``resume_from_checkpoint=True`` and for checkpoints inside ``args.output_dir``; for a
 checkpoint elsewhere pass ``callback(method, resume_from=path)`` or use
 :class:`OptLoRATrainer` (or :class:`OptLoRAMixin` with your own Trainer class), which
@@ -32,7 +34,7 @@ import os
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from . import checkpoint
+from . import checkpoint, persist
 from .checkpoint import STATE_FILE, read_state
 from .methods import LoRAMethod
 from .optimizer_state import unwrap_optimizer
@@ -51,12 +53,23 @@ __all__ = [
 
 def save_state(method: LoRAMethod, directory: str | os.PathLike) -> str:
     """Write ``method``'s exact state to ``directory/optlora_state.safetensors``; returns the file path."""
+    guard = persist.guard_of(method)
+    if guard is not None and guard.method is method:
+        return guard.write_state(method.model, os.fspath(directory))
     return checkpoint.save_state(method, directory)
 
 
 def load_state(method: LoRAMethod, path: str | os.PathLike) -> None:
     """Restore ``method`` from a checkpoint folder or state file (everything checked before anything is written)."""
     checkpoint.load_state(method, path)
+
+
+def _restored_from(method: LoRAMethod, folder: str) -> bool:
+    """Whether the guard's ``load_adapter`` already restored ``method`` exactly from ``folder``."""
+    guard = persist.guard_of(method)
+    return bool(
+        guard is not None and guard.method is method and guard.loaded_from == (os.path.abspath(folder), method.steps)
+    )
 
 
 def _is_main(args) -> bool:
@@ -101,8 +114,13 @@ class OptLoRACallback(TrainerCallback):
         if m.optimizer is None:
             m.attach(unwrap_optimizer(optimizer))
         if state.global_step > 0:  # Trainer resets the state unless it resumes from a checkpoint
-            ckpt = self._checkpoint_for(args, state)
-            load_state(m, ckpt)
+            guard = persist.guard_of(m)
+            if guard is not None and guard.method is m and guard.loaded_from and m.steps == state.global_step:
+                ckpt = guard.loaded_from[0]  # the Trainer's load_adapter restored the method exactly
+            else:
+                ckpt = self._checkpoint_for(args, state)
+                if not _restored_from(m, ckpt):
+                    load_state(m, ckpt)
             self.loaded_from = ckpt
             if m.steps > state.global_step:
                 raise RuntimeError(
@@ -113,15 +131,18 @@ class OptLoRACallback(TrainerCallback):
 
     # -------------------------------------------------------------- save
     def on_save(self, args, state, control, **kwargs):
-        if _is_main(args):
-            save_state(self.method, os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        # the guarded save_pretrained has written it already, unless the model is not a guarded PeftModel
+        if _is_main(args) and checkpoint.state_steps(folder) != self.method.steps:
+            save_state(self.method, folder)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
         # Trainer reloaded the best adapter: bring ScaLoRA's merged base weights back to the same step.
         best = state.best_model_checkpoint
         if getattr(args, "load_best_model_at_end", False) and best and checkpoint.find_state(best) is not None:
-            load_state(self.method, best)
+            if not _restored_from(self.method, best):
+                load_state(self.method, best)
         return control
 
 

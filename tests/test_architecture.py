@@ -4,7 +4,8 @@ Floors, bottom to top:
 
 1. ``functional`` (pure math: torch only), ``cliutil`` (argparse only);
 2. the core: ``merge``, ``optimizer_state``, ``discovery``, ``distributed``, ``methods.*``;
-3. integrations: ``hf``, ``export``, ``export_cli``, ``cli``, ``experiments.*``, ``testing.*``, ``checkpoint``.
+3. integrations: ``hf``, ``export``, ``export_cli``, ``cli``, ``experiments.*``, ``testing.*``, ``persist``,
+   ``originals``, ``checkpoint``.
 
 The core never imports an integration; ``testing.reference`` never imports optlora (it is the
 independent oracle); nothing outside ``cli`` imports ``cli``; and the module graph has no cycle.
@@ -20,7 +21,18 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PKG = ROOT / "optlora"
 CORE = ("merge", "optimizer_state", "discovery", "distributed", "methods")
-INTEGRATIONS = ("hf", "export", "export_cli", "cli", "cliutil", "experiments", "testing", "checkpoint")
+INTEGRATIONS = (
+    "hf",
+    "export",
+    "export_cli",
+    "cli",
+    "cliutil",
+    "experiments",
+    "testing",
+    "persist",
+    "originals",
+    "checkpoint",
+)
 
 
 def _module_name(path: pathlib.Path) -> str:

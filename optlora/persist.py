@@ -1,0 +1,408 @@
+"""Saving and loading with the ecosystem's own calls stays right while an optlora method trains a model.
+
+ScaLoRA and ScaLoRA-I rewrite the frozen base weights in place (ScaLoRA Sec. 3.1), so PEFT's
+adapter alone is no longer the model. When a method is built on a ``PeftModel`` it installs
+(:func:`install`, via :func:`optlora.methods.base.on_claim`) two instance-level wrappers on it:
+
+``model.save_pretrained(dir)`` -- also what ``trainer.save_model()``, every Trainer checkpoint
+and ``push_to_hub`` call -- writes
+
+* ``adapter_config.json`` + ``adapter_model.safetensors``: a standard PEFT LoRA adapter that
+  plain ``PeftModel.from_pretrained(original_base, dir)`` loads. For a base-modifying method it is
+  the accumulated update ``W_now - W_pretrained`` per layer, truncated SVD (randomized range finder,
+  :func:`optlora.export.lowrank_compress`) at relative Frobenius error ``tol`` with rank at most
+  ``max_rank`` (:func:`optlora.export.update_adapter`); the exact error of the written factors
+  is stated in ``optlora_export.json`` and in the adapter's ``README.md``. For RefLoRA it is PEFT's
+  own adapter, which is the model exactly.
+* ``optlora_state.safetensors``: the exact state to resume from (:mod:`optlora.checkpoint`).
+
+``model.load_adapter(dir, name)`` -- what the Trainer calls on resume and for
+``load_best_model_at_end`` -- restores the trained adapter exactly from that state (all of it
+checked before anything is written), and raises when a base-modifying model would otherwise
+continue from an adapter without its state.
+
+The pretrained weights come from :class:`optlora.originals.OriginalWeights` (read lazily from the
+base model's safetensors files, verified when the method is built). :func:`uninstall` removes the
+wrappers. Copies of a guarded model (``copy.deepcopy``, pickling) are not guarded: saving such a copy
+of a base-modifying run raises.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import warnings
+
+import torch
+
+from . import checkpoint, export
+from .discovery import lora_layers
+from .methods.base import LoRAMethod, on_claim
+from .originals import OriginalsUnavailable, OriginalWeights
+
+GUARD = "_optlora_guard"
+_WRAPPED = ("save_pretrained", "load_adapter")
+#: default relative Frobenius error per layer of the saved accumulated update
+DEFAULT_TOL = 1e-3
+_CARD_BEGIN, _CARD_END = "<!-- optlora:begin -->", "<!-- optlora:end -->"
+
+__all__ = ["DEFAULT_TOL", "GUARD", "Guard", "guard_of", "install", "rebuild", "uninstall"]
+
+
+class _Wrapper:
+    """``model.<name>`` calling the guard; a plain object, so deep copies and pickles rebind to the copy."""
+
+    def __init__(self, model, name: str):
+        self.model, self.name = model, name
+        original = getattr(type(model), name)
+        self.__doc__ = original.__doc__
+        self.__signature__ = inspect.signature(original).replace(
+            parameters=list(inspect.signature(original).parameters.values())[1:]
+        )
+
+    def __call__(self, *args, **kwargs):
+        guard = self.model.__dict__.get(GUARD)
+        original = getattr(type(self.model), self.name)
+        if guard is None:
+            return original(self.model, *args, **kwargs)
+        return getattr(guard, self.name)(self.model, original, args, kwargs)
+
+
+class Guard:
+    """What :func:`install` attaches to a ``PeftModel``: its method, original weights and save options."""
+
+    def __init__(
+        self, method: LoRAMethod | None, originals: OriginalWeights | None, *, tol: float, max_rank, exact_state=True
+    ):
+        self.method = method
+        self.originals = originals
+        self.tol = tol
+        self.max_rank = max_rank
+        self.exact_state = exact_state
+        self.loaded_from: tuple[str, int] | None = None  # (folder, steps) of the last exact restore
+        self.merges = bool(method is not None and method.merges)
+
+    # copies of the model get an orphan guard: it has no method and refuses to save a changed base
+    def __deepcopy__(self, memo):
+        return _orphan(self.merges)
+
+    def __reduce__(self):
+        return (_orphan, (self.merges,))
+
+    # ------------------------------------------------------------------ save
+    def save_pretrained(self, model, original, args, kwargs):
+        bound = inspect.signature(original).bind(model, *args, **kwargs)
+        bound.apply_defaults()
+        opts = dict(bound.arguments)
+        extra = opts.pop("kwargs", {})
+        opts.pop("self")
+        directory = os.fspath(opts.pop("save_directory"))
+        if self.method is None:
+            if self.merges:
+                raise RuntimeError(
+                    "this is a copy of a model whose base weights an optlora method rewrites; its adapter alone "
+                    "is not the model and the copy has no original weights to write the accumulated update. "
+                    "Save the model the method was built on, or the full model: optlora.export.export_merged(copy, dir)."
+                )
+            return original(model, directory, **opts, **extra)
+        m = self.method
+        is_main = bool(opts.get("is_main_process", True))
+        if not m.merges:
+            original(model, directory, **opts, **extra)
+            if is_main and self.exact_state:
+                self.write_state(model, directory)
+            return None
+        selected = list(opts.get("selected_adapters") or model.peft_config)
+        trained = sorted({f.adapter for f in m.factors})
+        mine = [a for a in trained if a in selected]
+        if len(trained) > 1 and mine:
+            raise ValueError(
+                f"{type(m).__name__} trains {len(trained)} adapters ({trained}) that merge into shared base "
+                "weights; their accumulated update cannot be split into separate adapters. Save the full "
+                "model (optlora.export.export_merged) and the state (optlora.checkpoint.save_state)."
+            )
+        written = None
+        if mine and is_main:  # compute first: anything that can fail fails before a file is written
+            written = self._update_adapter(model, mine[0], directory)
+        others = [a for a in selected if a not in trained]
+        if others:
+            original(model, directory, **{**opts, "selected_adapters": others}, **extra)
+        if written is not None:
+            out, (config, tensors, report) = written
+            export.write_adapter(out, config, tensors, report, safe=bool(opts.get("safe_serialization", True)))
+            self._model_card(model, directory, report, mine[0])
+        if is_main and self.exact_state:
+            self.write_state(model, directory)
+        return None
+
+    def _update_adapter(self, model, adapter: str, directory: str):
+        layers = lora_layers(model, adapter)
+        self.originals.require([f.name for f in layers])
+        out = directory if adapter == "default" else os.path.join(directory, adapter)
+        dtype = layers[0].lora_A.dtype
+        dtype = dtype if dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16) else torch.float32
+        built = export.update_adapter(
+            model,
+            lambda f: self.originals.get(f.name, f.base_weight.device),
+            rank=self.max_rank,
+            tol=self.tol,
+            adapter=adapter,
+            dtype=dtype,
+            path=out,
+            compress=export.lowrank_compress,
+        )
+        return out, built
+
+    def write_state(self, model, directory: str) -> str:
+        """Write the exact state (and the live PEFT configuration, for :func:`rebuild`); returns the file path."""
+        adapters = sorted({f.adapter for f in self.method.factors})
+        configs = {a: model.peft_config[a].to_dict() for a in adapters if a in model.peft_config}
+        extra = {"peft_config": json.dumps(configs, default=lambda o: sorted(o) if isinstance(o, set) else str(o))}
+        return checkpoint.save_state(self.method, directory, extra_metadata=extra)
+
+    def _model_card(self, model, directory: str, report, adapter: str) -> None:
+        path = os.path.join(directory, "README.md")
+        if not os.path.isfile(path) and hasattr(model, "create_or_update_model_card"):
+            model.create_or_update_model_card(directory)
+        text = ""
+        if os.path.isfile(path):
+            with open(path) as fh:
+                text = fh.read()
+        if _CARD_BEGIN in text:
+            text = text[: text.index(_CARD_BEGIN)] + text[text.index(_CARD_END) + len(_CARD_END) :]
+        worst = max((v["rel_error"] for v in report.layers.values()), default=0.0)
+        ranks = [v["rank"] for v in report.layers.values()]
+        base = getattr(model.peft_config.get(adapter), "base_model_name_or_path", None) or "the original base model"
+        section = (
+            f"{_CARD_BEGIN}\n## optlora: accumulated update of a {type(self.method).__name__} run\n\n"
+            f"{type(self.method).__name__} merges part of each update into the frozen base weights, so this adapter "
+            f"holds the whole update `W_now - W_pretrained` for `{base}`, per layer by truncated SVD: "
+            f"relative Frobenius error **{report.rel_error:.3e}** over all layers, {worst:.3e} in the worst layer "
+            f"(tolerance {self.tol}, rank cap {self.max_rank}, ranks {min(ranks)}..{max(ranks)}); per layer in "
+            f"`{export.REPORT_FILE}`. Load it with plain PEFT on the original base model. "
+            f"`{checkpoint.STATE_FILE}` holds the exact training state for resuming with optlora "
+            f"(method step {self.method.steps}).\n{_CARD_END}\n"
+        )
+        with open(path, "w") as fh:
+            fh.write(text.rstrip("\n") + "\n\n" + section)
+
+    # ------------------------------------------------------------------ load
+    def load_adapter(self, model, original, args, kwargs):
+        bound = inspect.signature(original).bind(model, *args, **kwargs)
+        model_id, adapter_name = bound.arguments["model_id"], bound.arguments["adapter_name"]
+        extra = bound.arguments.get("kwargs", {})
+        folder = os.fspath(model_id)
+        if extra.get("subfolder"):
+            folder = os.path.join(folder, extra["subfolder"])
+        m = self.method
+        if m is None or adapter_name not in {f.adapter for f in m.factors}:
+            if self.merges and m is None:
+                raise RuntimeError("this copy of a model whose base weights were rewritten cannot load adapters safely")
+            return original(model, *args, **kwargs)
+        state_file = checkpoint.find_state(folder) if os.path.isdir(folder) else None
+        if state_file is None:
+            if not m.merges:
+                return original(model, *args, **kwargs)
+            self._refuse_without_state(model, folder)
+            return original(model, *args, **kwargs)
+        state = checkpoint.read_state(state_file)
+        m.check_state_dict(state)
+        if not m.merges or "factors" not in state:  # RefLoRA, or a state saved before factors were in it
+            result = original(model, *args, **kwargs)
+            m.load_state_dict(state)
+        else:
+            extras = _adapter_extras(model, folder, adapter_name)  # checked against the model before any write
+            m.load_state_dict(state)
+            if extras:
+                from peft.utils import set_peft_model_state_dict
+
+                set_peft_model_state_dict(model, extras, adapter_name=adapter_name)
+            result = torch.nn.modules.module._IncompatibleKeys([], [])
+        self.loaded_from = (os.path.abspath(folder), int(state["steps"]))
+        return result
+
+    def _refuse_without_state(self, model, folder: str) -> None:
+        """A base-modifying model loads an adapter without optlora state only while its base is untouched."""
+        if os.path.isfile(os.path.join(folder, export.REPORT_FILE)) or not os.path.isdir(folder):
+            raise RuntimeError(
+                f"{folder} holds no {checkpoint.STATE_FILE}: its adapter is an accumulated update for the original "
+                f"base, and {type(self.method).__name__}'s exact state (merged base weights, live factors, counters) "
+                "is missing, so training would continue on wrong base weights. Resume from a checkpoint that has it, "
+                "or load the adapter for inference on the original base: PeftModel.from_pretrained(base, folder)."
+            )
+        changed = self.changed_layers(model)
+        if changed:
+            raise RuntimeError(
+                f"{type(self.method).__name__} has already merged updates into {len(changed)} base weight(s) "
+                f"(e.g. {changed[0]}); the plain adapter in {folder} (no {checkpoint.STATE_FILE}) belongs on the "
+                "original base and would be applied on top of them. Load it into a freshly loaded model."
+            )
+
+    def changed_layers(self, model) -> list[str]:
+        """LoRA layers whose live base weight differs from the pretrained one (reads the originals)."""
+        names = sorted({f.adapter for f in self.method.factors})
+        out = []
+        for f in (f for a in names for f in lora_layers(model, a)):
+            try:
+                same = torch.equal(self.originals.get(f.name, f.base_weight.device), f.base_weight.detach())
+            except OriginalsUnavailable:
+                same = False
+            if not same:
+                out.append(f.name)
+        return out
+
+
+def _orphan(merges: bool) -> Guard:
+    g = Guard(None, None, tol=DEFAULT_TOL, max_rank=None)
+    g.merges = merges
+    return g
+
+
+def _adapter_extras(model, folder: str, adapter: str) -> dict[str, torch.Tensor]:
+    """The non-LoRA entries (``modules_to_save``, biases) of the adapter in ``folder``, checked against ``model``."""
+    from peft.utils import get_peft_model_state_dict, load_peft_weights
+
+    live = {k: v for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items() if ".lora_" not in k}
+    if not live:
+        return {}
+    saved = {k: v for k, v in load_peft_weights(folder, device="cpu").items() if ".lora_" not in k}
+    if set(saved) != set(live):
+        raise ValueError(
+            f"the adapter in {folder} has non-LoRA entries {sorted(saved)[:4]}, this model {sorted(live)[:4]}: "
+            "it was saved from another configuration; nothing was loaded"
+        )
+    for k, v in live.items():
+        if saved[k].shape != v.shape:
+            raise ValueError(f"{folder}: {k} has shape {tuple(saved[k].shape)}, the model {tuple(v.shape)}")
+    return saved
+
+
+# ---------------------------------------------------------------------------------------------- install
+def guard_of(model) -> Guard | None:
+    """The guard installed on ``model`` (or on ``method.model``), if any."""
+    model = model.model if isinstance(model, LoRAMethod) else model
+    return model.__dict__.get(GUARD)
+
+
+def _peft_parts(model):
+    inner = model.get_base_model()
+    config = getattr(inner, "config", None)
+    names = [getattr(config, "_name_or_path", None), getattr(inner, "name_or_path", None)]
+    names += [getattr(c, "base_model_name_or_path", None) for c in model.peft_config.values()]
+    return next((n for n in names if n), None), getattr(inner, "base_model_prefix", "")
+
+
+def install(
+    method: LoRAMethod,
+    *,
+    original: str | os.PathLike | None = None,
+    tol: float | None = None,
+    max_rank: int | None = None,
+    host_copy: bool = True,
+    exact_state: bool | None = None,
+    _stacklevel: int = 1,
+) -> Guard | None:
+    """Guard ``method.model``'s ``save_pretrained`` / ``load_adapter`` (done when a method is built).
+
+    Call it again to change the options: ``original`` (the folder or hub id of the weights the model
+    started from, verified against the live weights, so only before the first merge), ``tol``
+    (relative Frobenius error per layer of the saved update, default :data:`DEFAULT_TOL`) and
+    ``max_rank`` (cap of the per-layer rank; the error then states what the cap costs) and
+    ``exact_state`` (``False``: write the adapter only, e.g. before ``push_to_hub`` of a final model;
+    a folder saved so cannot resume a base-modifying run, and loading it to resume raises).
+    Returns ``None`` for a model that is not a ``PeftModel`` (nothing to wrap).
+    """
+    model = method.model
+    if not (hasattr(model, "peft_config") and hasattr(model, "get_base_model")):
+        if method.merges:
+            warnings.warn(
+                f"{type(method).__name__} was built on a {type(model).__name__}, not on the PeftModel: "
+                "PeftModel.save_pretrained is not guarded and would save the adapter without the merged base "
+                "weights. Build the method on the PeftModel.",
+                stacklevel=_stacklevel + 1,
+            )
+        return None
+    if tol is not None and not 0 <= tol < 1:
+        raise ValueError(f"tol must be in [0, 1), got {tol!r}")
+    if max_rank is not None and (not isinstance(max_rank, int) or max_rank < 1):
+        raise ValueError(f"max_rank must be an int >= 1, got {max_rank!r}")
+    old = model.__dict__.get(GUARD)
+    originals = old.originals if old is not None else None
+    if method.merges and (original is not None or originals is None):
+        if original is not None and (method.method_steps > 0 or (old is not None and old.method is not method)):
+            raise ValueError(
+                "original= is verified against the live weights, which must still be the pretrained ones: pass it "
+                "right after building the method, before training"
+            )
+        adapters = sorted({f.adapter for f in method.factors})
+        live = {f.name: f.base_weight for a in adapters for f in lora_layers(model, a)}
+        name, prefix = _peft_parts(model)
+        originals = OriginalWeights.resolve(
+            live, folder=original or name, prefix=prefix, host_copy=host_copy, stacklevel=_stacklevel + 1
+        )
+    guard = Guard(
+        method,
+        originals,
+        tol=tol if tol is not None else (old.tol if old is not None else DEFAULT_TOL),
+        max_rank=max_rank if max_rank is not None else (old.max_rank if old is not None else None),
+        exact_state=exact_state if exact_state is not None else (old.exact_state if old is not None else True),
+    )
+    model.__dict__[GUARD] = guard
+    for name in _WRAPPED:
+        model.__dict__[name] = _Wrapper(model, name)
+    return guard
+
+
+def uninstall(model) -> None:
+    """Remove the wrappers and the guard: ``save_pretrained`` / ``load_adapter`` are PEFT's again."""
+    model = model.model if isinstance(model, LoRAMethod) else model
+    for name in (*_WRAPPED, GUARD):
+        model.__dict__.pop(name, None)
+
+
+def _on_claim(method: LoRAMethod) -> None:
+    install(method, _stacklevel=4)  # warnings point at the line that built the method
+
+
+on_claim(_on_claim)
+
+
+# ---------------------------------------------------------------------------------------------- rebuild
+def rebuild(base_model, folder: str | os.PathLike, *, adapter: str = "default"):
+    """The exact trained ``PeftModel`` from a checkpoint folder and the *original* base model.
+
+    Uses the live adapter configuration and tensors in ``optlora_state.safetensors`` (no method object
+    needed): LoRA factors, merged base weights and the adapter's non-LoRA entries. Without a state, or
+    for a state without factors, the folder's adapter is loaded with plain PEFT (and merged base
+    weights of an older state are applied).
+    """
+    import peft
+
+    folder = os.fspath(folder)
+    found = checkpoint.find_state(folder)
+    state = checkpoint.read_state(found) if found else {}
+    configs = json.loads(checkpoint.read_metadata(found).get("peft_config", "{}")) if found else {}
+    if "factors" not in state or adapter not in configs:
+        model = peft.PeftModel.from_pretrained(base_model, folder)
+        if state:
+            export.apply_method_state(model, state)
+        return model
+    config = peft.PeftConfig.from_peft_type(**configs[adapter])
+    model = peft.get_peft_model(base_model, config, adapter_name=adapter, autocast_adapter_dtype=False)
+    layers = {f"{f.name}[{adapter}]": f for f in lora_layers(model, adapter)}
+    weights = {k.rsplit("[", 1)[0] if k.endswith("]") else k: v for k, v in state["base_weights"].items()}
+    with torch.no_grad():
+        for name, f in layers.items():
+            key = next((k for k in state["factors"] if k == name or k.endswith("." + name)), None)
+            if key is None:
+                raise ValueError(f"{found} has no factors for LoRA layer {name}")
+            f.lora_A.copy_(state["factors"][key]["lora_A"])
+            f.lora_B.copy_(state["factors"][key]["lora_B"])
+        export.apply_method_state(model, {"base_weights": weights})
+    extras = _adapter_extras(model, folder, adapter)
+    if extras:
+        from peft.utils import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, extras, adapter_name=adapter)
+    return model
