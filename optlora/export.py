@@ -13,6 +13,9 @@ no longer of rank ``r`` and the saved adapter alone does not reproduce the model
   ``||Delta - Delta_k||_F / ||Delta||_F`` reported per layer and overall, either at a
   chosen rank or at the smallest rank per layer that meets an error tolerance.
 
+The compressors (:func:`svd_compress`, :func:`lowrank_compress`, :func:`rounding_floor`) live in
+:mod:`optlora.compress` and are re-exported here.
+
 Command line (:mod:`optlora.export_cli`):
 ``optlora export --checkpoint CKPT --base MODEL --out DIR [--format adapter --rank 16 | --tol 0.01]``.
 """
@@ -28,8 +31,24 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .compress import Compressed, lowrank_compress, noise_rank, rank_for_error, rounding_floor, svd_compress
 from .discovery import LoRAFactors, is_lora_model, lora_layers
 
+__all__ = [
+    "Compressed",
+    "ExportReport",
+    "apply_method_state",
+    "export_adapter",
+    "export_merged",
+    "lowrank_compress",
+    "noise_rank",
+    "rank_for_error",
+    "rounding_floor",
+    "svd_compress",
+    "update_adapter",
+    "write_adapter",
+    "write_card",
+]
 _TASK_TO_AUTO = {
     "CAUSAL_LM": "AutoModelForCausalLM",
     "SEQ_CLS": "AutoModelForSequenceClassification",
@@ -38,122 +57,6 @@ _TASK_TO_AUTO = {
     "QUESTION_ANS": "AutoModelForQuestionAnswering",
     "FEATURE_EXTRACTION": "AutoModel",
 }
-
-
-# ---------------------------------------------------------------------------------------------- SVD
-def rank_for_error(singular_values: torch.Tensor, tol: float) -> int:
-    """Smallest ``k`` with ``sqrt(sum_{i>k} s_i^2) / sqrt(sum_i s_i^2) <= tol`` (0 for a zero matrix)."""
-    if not 0 <= tol < 1:
-        raise ValueError(f"tol must be in [0, 1), got {tol!r}")
-    s2 = singular_values.double().square()
-    total = float(s2.sum())
-    if total == 0.0:
-        return 0
-    tail = s2.flip(0).cumsum(0).flip(0)  # tail[k] = sum_{i>=k} s_i^2
-    tail = torch.cat([tail, tail.new_zeros(1)])
-    ok = (tail.sqrt() / total**0.5 <= tol).nonzero()
-    return int(ok[0])
-
-
-@dataclass
-class Compressed:
-    """``Delta ~ lora_B @ lora_A`` (PEFT layout, scaling 1) with its relative Frobenius error."""
-
-    lora_A: torch.Tensor  # k x in
-    lora_B: torch.Tensor  # out x k
-    rank: int
-    rel_error: float
-    norm: float  # ||Delta||_F
-    singular_values: torch.Tensor
-
-
-def svd_compress(delta: torch.Tensor, *, rank: int | None = None, tol: float | None = None) -> Compressed:
-    """Truncated SVD of ``delta`` (out x in) at ``rank``, or the smallest rank meeting ``tol`` (capped by ``rank``).
-
-    The factors split the singular values evenly: ``lora_B = U_k sqrt(S_k)``, ``lora_A = sqrt(S_k) V_k^T``.
-    A zero ``delta`` gives rank 1 zero factors (PEFT needs ``r >= 1``) and error 0.
-    """
-    if delta.ndim != 2:
-        raise ValueError(f"delta must be a matrix, got shape {tuple(delta.shape)}")
-    if rank is None and tol is None:
-        raise ValueError("give rank=, tol= or both")
-    if rank is not None and (not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
-    d = delta.float() if delta.dtype not in (torch.float32, torch.float64) else delta
-    U, S, Vh = torch.linalg.svd(d, full_matrices=False)
-    full = S.numel()
-    k = rank_for_error(S, tol) if tol is not None else full
-    if rank is not None:
-        k = min(k, rank) if tol is not None else min(rank, full)
-    k = max(k, 1)
-    norm = float(S.double().square().sum().sqrt())
-    resid = float(S[k:].double().square().sum().sqrt())
-    root = S[:k].sqrt()
-    return Compressed(
-        lora_A=root[:, None] * Vh[:k],
-        lora_B=U[:, :k] * root[None, :],
-        rank=k,
-        rel_error=resid / norm if norm > 0 else 0.0,
-        norm=norm,
-        singular_values=S,
-    )
-
-
-def lowrank_compress(
-    delta: torch.Tensor, *, rank: int | None = None, tol: float | None = None, niter: int = 2, seed: int = 0
-) -> Compressed:
-    """:func:`svd_compress` by a randomized range finder (Halko, Martinsson, Tropp 2011, Alg. 4.4), for large layers.
-
-    ``O(m n q)`` instead of a full SVD's ``O(m n min(m, n))``: a ``q``-column basis ``Q`` of the range
-    of ``delta`` (``niter`` power iterations, ``q`` doubled until ``tol`` is met), then the exact SVD of
-    the small ``Q^T delta``. The result ``Q Q^T delta`` truncated to rank ``k`` is written, and its
-    ``rel_error`` is computed from the residual ``delta - lora_B lora_A`` itself, so the stated error
-    is the error of these factors; the rank may exceed the Eckart-Young minimum by a little. Deterministic (own generator: the global RNG is not touched).
-    Falls back to :func:`svd_compress` where ``q`` reaches a quarter of ``min(m, n)``.
-    """
-    if delta.ndim != 2:
-        raise ValueError(f"delta must be a matrix, got shape {tuple(delta.shape)}")
-    if rank is None and tol is None:
-        raise ValueError("give rank=, tol= or both")
-    if tol is not None and not 0 <= tol < 1:
-        raise ValueError(f"tol must be in [0, 1), got {tol!r}")
-    d = delta.float() if delta.dtype not in (torch.float32, torch.float64) else delta
-    full = min(d.shape)
-    cap = full if rank is None else min(rank, full)
-    total2 = float(d.double().square().sum())
-    gen = torch.Generator(device=d.device).manual_seed(seed)
-    q = min(cap, 32) + 8
-    while total2 > 0 and 4 * q < full:
-        Y = d @ torch.randn(d.shape[1], q, dtype=d.dtype, device=d.device, generator=gen)
-        Q = torch.linalg.qr(Y).Q
-        for _ in range(niter):  # power iterations sharpen the basis where the spectrum decays slowly
-            Q = torch.linalg.qr(d @ torch.linalg.qr(d.mT @ Q).Q).Q
-        Uc, S, Vh = torch.linalg.svd(Q.mT @ d, full_matrices=False)
-        resid2 = total2 - S.double().square().cumsum(0)  # residual of the rank-(i+1) projection (a first guess)
-        ok = (resid2 <= (tol**2) * total2).nonzero() if tol is not None else resid2.new_zeros(0, 1)
-        if ok.numel() or q - 8 >= cap:
-            k = max(1, min(int(ok[0]) + 1 if ok.numel() else cap, cap))
-            left = Q @ Uc
-            err2 = _residual2(d, left[:, :k] * S[:k], Vh[:k])  # exact, unlike the float32 difference above
-            while tol is not None and err2 > tol**2 * total2 and k < min(cap, S.numel()):
-                k += 1
-                err2 = _residual2(d, left[:, :k] * S[:k], Vh[:k])
-            root = S[:k].sqrt()
-            return Compressed(
-                lora_A=root[:, None] * Vh[:k],
-                lora_B=left[:, :k] * root[None, :],
-                rank=k,
-                rel_error=(err2 / total2) ** 0.5,
-                norm=total2**0.5,
-                singular_values=S,
-            )
-        q = min(2 * (q - 8), cap) + 8
-    return svd_compress(delta, rank=rank, tol=tol)
-
-
-def _residual2(d: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> float:
-    """``||d - left @ right||_F^2`` in float64 accumulation."""
-    return float(torch.addmm(d, left, right, alpha=-1).double().square().sum())
 
 
 # ---------------------------------------------------------------------------------------------- model access
@@ -174,6 +77,7 @@ class ExportReport:
     path: str
     layers: dict[str, dict] = field(default_factory=dict)  # name -> {rank, rel_error, norm, ranks_for}
     rel_error: float = 0.0  # ||Delta - Delta_k||_F / ||Delta||_F over all layers together
+    rounding_floor: float = 0.0  # the same for storing the base weights in their dtype (see rounding_floor)
     total_rank: int = 0
     parameters: int = 0
 
@@ -195,13 +99,22 @@ class ExportReport:
 
     def to_json(self) -> dict:
         layers = {n: {k: v for k, v in d.items() if k != "singular_values"} for n, d in self.layers.items()}
-        return {"path": self.path, "rel_error": self.rel_error, "total_rank": self.total_rank, "layers": layers}
+        return {
+            "path": self.path,
+            "rel_error": self.rel_error,
+            "rounding_floor": self.rounding_floor,
+            "total_rank": self.total_rank,
+            "layers": layers,
+        }
 
 
 # ---------------------------------------------------------------------------------------------- exports
 _LORA_KEYS = (".lora_A.", ".lora_B.", ".lora_embedding_", ".lora_magnitude_vector")
 #: the per-layer error statement written next to every compressed adapter
 REPORT_FILE = "optlora_export.json"
+#: the exact resume state (optlora.checkpoint.STATE_FILE; named here so that export needs no checkpoint import)
+STATE_FILE = "optlora_state.safetensors"
+CARD_BEGIN, CARD_END = "<!-- optlora:begin -->", "<!-- optlora:end -->"
 
 
 def update_adapter(
@@ -215,10 +128,17 @@ def update_adapter(
     compute_dtype: torch.dtype = torch.float32,
     path: str = "",
     compress: Callable[..., Compressed] = svd_compress,
+    max_fraction: float | None = None,
 ):
     """``W_now - W_pretrained`` of every LoRA layer of ``adapter`` as a standard PEFT LoRA adapter.
 
-    Each layer's update is compressed by truncated SVD (:func:`svd_compress`) and stored at the
+    Each layer's update is compressed by truncated SVD (:func:`svd_compress`) at relative error
+    ``max(tol, rounding floor)`` (:func:`rounding_floor`: the precision of the base weight's dtype) and
+    rank at most ``rank`` and, with ``max_fraction``, at most ``max_fraction * m n / (m + n)`` (the
+    factors then hold that fraction of the dense layer's numbers). Where the floor exceeds ``tol``
+    (bfloat16/float16 bases), the update carries the merges' rounding noise, which no low rank holds
+    and no copy in that dtype avoids: the rank is then that of the part above the noise
+    (:func:`noise_rank`), and the stated error includes the noise left out. Factors are stored at the
     live adapter's own PEFT scale ``s`` (``lora_alpha = s * rank`` per layer), so the factors mean
     the same in any model that loads them. ``original(f)`` returns layer ``f``'s pretrained
     weight (as stored); it is read one layer at a time. ``compress`` is :func:`svd_compress` (exact
@@ -241,7 +161,21 @@ def update_adapter(
     resid2 = total2 = 0.0
     for f in layers:
         with torch.no_grad():
-            c = compress(_dense(f, original(f), compute_dtype), rank=rank, tol=tol)
+            delta = _dense(f, original(f), compute_dtype)
+            norm = float(delta.double().norm())
+            floor = rounding_floor(f.base_weight) / norm if norm > 0 else 0.0
+            k_max = rank
+            if max_fraction is not None:  # beyond this rank the factors are no smaller than the dense layer
+                size = max(1, int(max_fraction * delta.shape[0] * delta.shape[1] / sum(delta.shape)))
+                k_max = size if k_max is None else min(k_max, size)
+            noisy = tol is not None and floor > tol  # the dtype cannot hold the update to tol (half precision)
+            if noisy:  # keep what stands above its rounding noise, not the noise itself
+                k = noise_rank(delta)
+                k_max = k if k_max is None else min(k_max, k)
+            layer_tol = None if tol is None else min(max(tol, floor), 0.999)
+            if k_max is None and layer_tol is None:
+                k_max = min(delta.shape)
+            c = compress(delta, rank=k_max, tol=layer_tol)
         root_s = f.scaling**0.5  # s * (B / sqrt s) (A / sqrt s) = B A: the adapter's own scale carries the update
         tensors[f"base_model.model.{f.name}.lora_A.weight"] = (c.lora_A / root_s).to(dtype).contiguous().cpu()
         tensors[f"base_model.model.{f.name}.lora_B.weight"] = (c.lora_B / root_s).to(dtype).contiguous().cpu()
@@ -250,6 +184,8 @@ def update_adapter(
             "rank": c.rank,
             "rel_error": c.rel_error,
             "norm": c.norm,
+            "rounding_floor": floor,  # relative: the error of storing the base weight in its dtype
+            "above_noise": noisy,  # rank chosen by compress.noise_rank (the floor exceeds tol)
             "singular_values": c.singular_values.cpu(),
         }
         resid2 += (c.rel_error * c.norm) ** 2
@@ -257,6 +193,8 @@ def update_adapter(
         report.total_rank += c.rank
         report.parameters += c.lora_A.numel() + c.lora_B.numel()
     report.rel_error = (resid2 / total2) ** 0.5 if total2 > 0 else 0.0
+    floors = [v["rounding_floor"] * v["norm"] for v in report.layers.values()]
+    report.rounding_floor = (sum(x * x for x in floors) / total2) ** 0.5 if total2 > 0 else 0.0
 
     src = getattr(model, "peft_config", {}).get(adapter)
     if src is not None:
@@ -306,6 +244,51 @@ def write_adapter(
         torch.save(tensors, os.path.join(out_dir, "adapter_model.bin"))
     with open(os.path.join(out_dir, REPORT_FILE), "w") as fh:
         json.dump(report.to_json(), fh, indent=1)
+
+
+def write_card(
+    model, directory: str, report: ExportReport, *, method, adapter: str, tol, max_rank, exact_state: bool = True
+) -> None:
+    """State the adapter's error in its model card (``README.md``, PEFT's card plus an optlora section)."""
+    path = os.path.join(directory, "README.md")
+    if not os.path.isfile(path) and hasattr(model, "create_or_update_model_card"):
+        model.create_or_update_model_card(directory)
+    text = ""
+    if os.path.isfile(path):
+        with open(path) as fh:
+            text = fh.read()
+    if CARD_BEGIN in text:
+        text = text[: text.index(CARD_BEGIN)] + text[text.index(CARD_END) + len(CARD_END) :]
+    worst = max((v["rel_error"] for v in report.layers.values()), default=0.0)
+    ranks = [v["rank"] for v in report.layers.values()]
+    base = getattr(model.peft_config.get(adapter), "base_model_name_or_path", None) or "the original base model"
+    noisy = sum(bool(v.get("above_noise")) for v in report.layers.values())
+    noise = (
+        f"In {noisy} layer(s) the base weights' dtype cannot hold the update to the tolerance: the merges left "
+        "rounding noise in them, which the adapter leaves out (it keeps the part above that noise, "
+        "optlora.compress.noise_rank), so most of their stated error is that noise; the trained model stored "
+        "in the same dtype has a rounding error of that size too. "
+        if noisy
+        else ""
+    )
+    section = (
+        f"{CARD_BEGIN}\n## optlora: accumulated update of a {type(method).__name__} run\n\n"
+        f"{type(method).__name__} merges part of each update into the frozen base weights, so this adapter "
+        f"holds the whole update `W_now - W_pretrained` for `{base}`, per layer by truncated SVD: "
+        f"relative Frobenius error **{report.rel_error:.3e}** over all layers, {worst:.3e} in the worst layer "
+        f"(tolerance {tol}; storing the base weights in their dtype alone is off by "
+        f"{report.rounding_floor:.3e}; rank cap {max_rank or 'as many numbers as the dense layer'}, ranks "
+        f"{min(ranks)}..{max(ranks)}); per layer in "
+        f"`{REPORT_FILE}`. {noise}Load it with plain PEFT on the original base model."
+        + (
+            f" `{STATE_FILE}` holds the exact training state for resuming with optlora (method step {method.steps})."
+            if exact_state
+            else ""
+        )
+        + f"\n{CARD_END}\n"
+    )
+    with open(path, "w") as fh:
+        fh.write(text.rstrip("\n") + "\n\n" + section)
 
 
 def export_adapter(

@@ -10,7 +10,8 @@ The callback attaches ``method`` to the optimizer the Trainer builds (``on_train
 accelerate's ``AcceleratedOptimizer`` is unwrapped). The method runs in the optimizer's
 step pre-hook, i.e. once per *optimizer* step (after gradient accumulation), after
 Trainer's gradient clipping (``max_grad_norm``) and AMP unscaling, and before the LR
-scheduler step, so all of these behave exactly as without optlora.
+scheduler step, so all of these act as without optlora, on the gradients of the LoRA factors
+(what ScaLoRA's rescaled factors change for ``max_grad_norm``: README, docs/PERFORMANCE.md).
 
 Every checkpoint is complete without the callback's help: the Trainer saves it with
 ``model.save_pretrained``, which a method built on a ``PeftModel`` guards (:mod:`optlora.persist`):

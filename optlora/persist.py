@@ -45,7 +45,6 @@ GUARD = "_optlora_guard"
 _WRAPPED = ("save_pretrained", "load_adapter")
 #: default relative Frobenius error per layer of the saved accumulated update
 DEFAULT_TOL = 1e-3
-_CARD_BEGIN, _CARD_END = "<!-- optlora:begin -->", "<!-- optlora:end -->"
 
 __all__ = ["DEFAULT_TOL", "GUARD", "Guard", "guard_of", "install", "rebuild", "uninstall"]
 
@@ -131,7 +130,16 @@ class Guard:
         if written is not None:
             out, (config, tensors, report) = written
             export.write_adapter(out, config, tensors, report, safe=bool(opts.get("safe_serialization", True)))
-            self._model_card(model, directory, report, mine[0])
+            export.write_card(
+                model,
+                directory,
+                report,
+                method=self.method,
+                adapter=mine[0],
+                tol=self.tol,
+                max_rank=self.max_rank,
+                exact_state=self.exact_state,
+            )
         if is_main and self.exact_state:
             self.write_state(model, directory)
         return None
@@ -151,6 +159,7 @@ class Guard:
             dtype=dtype,
             path=out,
             compress=export.lowrank_compress,
+            max_fraction=None if self.max_rank is not None else 1.0,
         )
         return out, built
 
@@ -160,32 +169,6 @@ class Guard:
         configs = {a: model.peft_config[a].to_dict() for a in adapters if a in model.peft_config}
         extra = {"peft_config": json.dumps(configs, default=lambda o: sorted(o) if isinstance(o, set) else str(o))}
         return checkpoint.save_state(self.method, directory, extra_metadata=extra)
-
-    def _model_card(self, model, directory: str, report, adapter: str) -> None:
-        path = os.path.join(directory, "README.md")
-        if not os.path.isfile(path) and hasattr(model, "create_or_update_model_card"):
-            model.create_or_update_model_card(directory)
-        text = ""
-        if os.path.isfile(path):
-            with open(path) as fh:
-                text = fh.read()
-        if _CARD_BEGIN in text:
-            text = text[: text.index(_CARD_BEGIN)] + text[text.index(_CARD_END) + len(_CARD_END) :]
-        worst = max((v["rel_error"] for v in report.layers.values()), default=0.0)
-        ranks = [v["rank"] for v in report.layers.values()]
-        base = getattr(model.peft_config.get(adapter), "base_model_name_or_path", None) or "the original base model"
-        section = (
-            f"{_CARD_BEGIN}\n## optlora: accumulated update of a {type(self.method).__name__} run\n\n"
-            f"{type(self.method).__name__} merges part of each update into the frozen base weights, so this adapter "
-            f"holds the whole update `W_now - W_pretrained` for `{base}`, per layer by truncated SVD: "
-            f"relative Frobenius error **{report.rel_error:.3e}** over all layers, {worst:.3e} in the worst layer "
-            f"(tolerance {self.tol}, rank cap {self.max_rank}, ranks {min(ranks)}..{max(ranks)}); per layer in "
-            f"`{export.REPORT_FILE}`. Load it with plain PEFT on the original base model. "
-            f"`{checkpoint.STATE_FILE}` holds the exact training state for resuming with optlora "
-            f"(method step {self.method.steps}).\n{_CARD_END}\n"
-        )
-        with open(path, "w") as fh:
-            fh.write(text.rstrip("\n") + "\n\n" + section)
 
     # ------------------------------------------------------------------ load
     def load_adapter(self, model, original, args, kwargs):
@@ -310,7 +293,8 @@ def install(
     (relative Frobenius error per layer of the saved update, default :data:`DEFAULT_TOL`) and
     ``max_rank`` (cap of the per-layer rank; the error then states what the cap costs) and
     ``exact_state`` (``False``: write the adapter only, e.g. before ``push_to_hub`` of a final model;
-    a folder saved so cannot resume a base-modifying run, and loading it to resume raises).
+    a folder saved so cannot resume a base-modifying run, and loading it to resume raises; the Trainer
+    callback still writes the state into checkpoints).
     Returns ``None`` for a model that is not a ``PeftModel`` (nothing to wrap).
     """
     model = method.model

@@ -2,7 +2,7 @@
 
 Floors, bottom to top:
 
-1. ``functional`` (pure math: torch only), ``cliutil`` (argparse only);
+1. ``functional`` and ``compress`` (pure math: torch only), ``cliutil`` (argparse only);
 2. the core: ``merge``, ``optimizer_state``, ``discovery``, ``distributed``, ``methods.*``;
 3. integrations: ``hf``, ``export``, ``export_cli``, ``cli``, ``experiments.*``, ``testing.*``, ``persist``,
    ``originals``, ``checkpoint``.
@@ -71,7 +71,7 @@ GRAPH = {m: {i for i in _imports(p) if i in MODULES and i != m} for m, p in MODU
 
 def _floor(module: str) -> str:
     top = module.split(".")[1] if module.count(".") else ""
-    if top in ("functional", "cliutil"):
+    if top in ("functional", "compress", "cliutil"):
         return "base"
     if top in CORE:
         return "core"
@@ -88,6 +88,7 @@ def test_core_never_imports_an_integration(module):
 
 def test_functional_and_reference_are_pure():
     assert not GRAPH["optlora.functional"], GRAPH["optlora.functional"]
+    assert not GRAPH["optlora.compress"], GRAPH["optlora.compress"]
     assert not GRAPH["optlora.cliutil"]
     reference = _imports(MODULES["optlora.testing.reference"])
     assert not any(i.split(".")[0] == "optlora" for i in reference), reference

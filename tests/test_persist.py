@@ -330,7 +330,38 @@ def test_adapter_only_saving_for_shipping(base_dir, tmp_path):
     persist.install(method, exact_state=False)  # e.g. before push_to_hub of the final model
     model.save_pretrained(tmp_path)
     assert not (tmp_path / checkpoint.STATE_FILE).exists() and (tmp_path / "optlora_export.json").exists()
+    assert checkpoint.STATE_FILE not in (tmp_path / "README.md").read_text()
+    assert optlora.export.STATE_FILE == checkpoint.STATE_FILE  # export names the file without importing checkpoint
     fresh = peft_model(base_dir)
     optlora.ScaLoRA(fresh, warmup_steps=1, kappa=0.5)
     with pytest.raises(RuntimeError, match="holds no"):
         fresh.load_adapter(tmp_path, "default", is_trainable=True)
+
+
+def test_bfloat16_updates_are_compressed_down_to_the_dtype_floor_not_into_its_noise(tmp_path):
+    """Stochastic rounding leaves dense noise of about one bf16 ulp in W_now - W_pretrained; no low rank holds
+    it and no bf16 copy of the model is more exact: the adapter keeps the update above that noise, and plain
+    PEFT then gets the trained model about as exactly as the trained model stored in bf16."""
+    base = tmp_path / "base"
+    tiny_llama(SEED, dtype=torch.bfloat16).save_pretrained(base)
+    model = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16), lora_config(), autocast_adapter_dtype=False
+    )
+    method = optlora.ScaLoRA(model, warmup_steps=1, kappa=0.5)  # merge_precision "auto": stochastic in bf16
+    train(model, method, 6)
+    model.save_pretrained(tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "optlora_export.json").read_text())
+    assert report["rounding_floor"] > 0
+    for name, layer in report["layers"].items():
+        m, n = model.get_base_model().get_submodule(name).base_layer.weight.shape
+        at_cap = layer["rank"] >= m * n // (m + n)
+        assert layer["above_noise"] or layer["rounding_floor"] <= persist.DEFAULT_TOL, name
+        assert at_cap or layer["above_noise"] or layer["rel_error"] <= max(persist.DEFAULT_TOL, layer["rounding_floor"])
+    loaded = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16), tmp_path / "out"
+    )
+    merged = optlora.export.export_merged(model, tmp_path / "merged")  # the trained model stored in bf16
+    floor = float(
+        (logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.bfloat16)) - logits(model)).abs().max()
+    )
+    assert float((logits(loaded) - logits(model)).abs().max()) <= 4 * floor + 1e-2
