@@ -20,14 +20,17 @@ to rank r. **ScaLoRA-I** does the same every ``interval`` steps.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .. import merge
-from ..distributed import copy_into_, is_dtensor, shard_like
+from ..distributed import copy_into_, is_dtensor, local, shard_like
 from ..functional import chain_rule_rescaling, scalora_merge_coefficient, scalora_merge_growth, scalora_scalings
 from . import guards
 from .base import LoRAMethod
 from .layers import LayerGroup
+from .state import check_tensors, rng_key, rng_plan
 
 
 class ScaLoRA(LoRAMethod):
@@ -203,30 +206,84 @@ class ScaLoRA(LoRAMethod):
         self._rescale_group_(group, chain_rule_rescaling(alpha, beta))
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
-        """Counters, the merged base weights, merge buffers and the rounding RNG state.
+    def _layers(self) -> dict[str, torch.Tensor]:
+        """Base weight of every merged layer, keyed by its module path (adapters of one layer share it)."""
+        return {_path(f.name): f.base_weight for f in self.factors}
 
-        The base weights are not part of a PEFT adapter checkpoint, so they are saved here.
+    def _layer_buffers(self) -> dict[str, torch.Tensor]:
+        return {_path(f.name): b for f in self.factors if (b := self.buffers.get(f.name)) is not None}
+
+    def _rank(self) -> tuple[int | None, int]:
+        """``(rank, world size)`` of the FSDP2 mesh (``(None, 1)`` in one process or under DDP)."""
+        if not self.sharded:
+            return None, 1
+        mesh = self.factors[0].lora_A.device_mesh
+        return mesh.get_local_rank(), mesh.size()
+
+    def _devices(self) -> list[torch.device]:
+        """The devices the base weights (this rank's blocks of them) are on now: one rounding generator each."""
+        return sorted({local(f.base_weight).device for f in self.factors}, key=str)
+
+    def state_dict(self) -> dict:
+        """Counters, the live factors, the merged base weights, merge buffers and the rounding RNG state.
+
+        ScaLoRA's model is ``W_now + s B A`` with ``W_now`` rewritten at every merge (Sec. 3.1), so the
+        factors and the base weights are only right together: both are saved here (tensors are not
+        copied; under FSDP2 they are this rank's DTensor shards). Base weights and buffers are keyed by
+        layer path, factors by ``path[adapter]``. ``rng`` holds the stochastic-rounding generator of
+        every device that holds a base weight now (seeded if no merge drew from it yet); under FSDP2 each
+        rank rounds its own blocks with its own generator, so each rank saves its own, as
+        ``"<device type>@<rank>"``.
         """
+        rank, _ = self._rank()
         return {
             **super().state_dict(),
-            "base_weights": {f.name: f.base_weight.detach() for f in self.factors},
-            "buffers": dict(self.buffers),
-            "rng": {str(d): g.get_state() for d, g in self._generators.items()},
+            "factors": {f.name: {"lora_A": f.lora_A.detach(), "lora_B": f.lora_B.detach()} for f in self.factors},
+            "base_weights": {path: w.detach() for path, w in self._layers().items()},
+            "buffers": self._layer_buffers(),
+            "rng": {rng_key(d, rank): self._generator(d).get_state() for d in self._devices()},
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        names = {f.name for f in self.factors}
-        if set(state["base_weights"]) != names:
-            raise ValueError("state_dict's merged base weights do not match this model's LoRA layers")
-        super().load_state_dict(state)
-        with torch.no_grad():
-            for f in self.factors:
-                copy_into_(f.base_weight, state["base_weights"][f.name])  # FSDP2: this rank's block
-                if f.name in self.buffers:
-                    copy_into_(self.buffers[f.name], state["buffers"][f.name])
-        for dev, st in state.get("rng", {}).items():
-            self._generator(torch.device(dev)).set_state(st.cpu() if isinstance(st, torch.Tensor) else st)
+    def check_state_dict(self, state) -> None:
+        """Config and counters (:meth:`LoRAMethod.check_state_dict`), then every tensor's name, shape and dtype."""
+        super().check_state_dict(state)
+        missing = [k for k in ("base_weights", "rng") if k not in state]
+        if missing:
+            raise ValueError(f"a ScaLoRA state_dict needs {missing} (ScaLoRA rewrites the base weights)")
+        check_tensors("base_weights", _by_path(state["base_weights"]), self._layers())
+        check_tensors("buffers", _by_path(state.get("buffers", {})), self._layer_buffers())
+        if "factors" in state:  # states saved before the factors were part of it rely on the PEFT adapter
+            factors = state["factors"]
+            if not isinstance(factors, dict) or not all(isinstance(v, dict) for v in factors.values()):
+                raise ValueError("state_dict['factors'] must map 'path[adapter]' -> {'lora_A': ..., 'lora_B': ...}")
+            for which in ("lora_A", "lora_B"):
+                got = {n: v.get(which) for n, v in factors.items()}
+                check_tensors(f"factors.{which}", got, {f.name: getattr(f, which) for f in self.factors})
+        rng_plan(state["rng"], self._devices(), *self._rank())
+
+    def _write_state(self, state) -> None:
+        rng, why = rng_plan(state["rng"], self._devices(), *self._rank())
+        if why is not None and self._rounds_stochastically():
+            warnings.warn(
+                f"{why}: later merges round with other random bits than the saved run would have (the model "
+                "itself is restored exactly)",
+                stacklevel=4,
+            )
+        weights, buffers = _by_path(state["base_weights"]), _by_path(state.get("buffers", {}))
+        with torch.no_grad():  # FSDP2: a whole saved tensor fills this rank's block (copy_into_)
+            for f in self.factors if "factors" in state else ():
+                copy_into_(f.lora_A, state["factors"][f.name]["lora_A"])
+                copy_into_(f.lora_B, state["factors"][f.name]["lora_B"])
+            for path, w in self._layers().items():
+                copy_into_(w, weights[path])
+            for path, b in self._layer_buffers().items():
+                copy_into_(b, buffers[path])
+        for dev, st in rng.items():
+            self._generator(dev).set_state(st)
+        super()._write_state(state)
+
+    def _rounds_stochastically(self) -> bool:
+        return any(merge.resolve_mode(self.merge_precision, f.base_weight.dtype) == "stochastic" for f in self.factors)
 
     def stats(self) -> dict:
         out = super().stats()
@@ -235,3 +292,26 @@ class ScaLoRA(LoRAMethod):
             col = self._last["column"]
             out["column_fraction"] = float(col.sum()) / max(1, col.numel())
         return out
+
+
+def _path(name: str) -> str:
+    """``"path[adapter]"`` -> ``"path"``."""
+    return name.rsplit("[", 1)[0] if name.endswith("]") else name
+
+
+def _by_path(saved):
+    """Key a saved ``{name: tensor}`` by layer path (states saved before this version used ``path[adapter]``)."""
+    if not isinstance(saved, dict):
+        return saved
+    out: dict = {}
+    for name, t in saved.items():
+        path = _path(name) if isinstance(name, str) else name
+        same = (
+            isinstance(t, torch.Tensor)
+            and isinstance(out.get(path), torch.Tensor)
+            and torch.equal(local(out[path]), local(t))
+        )
+        if path in out and not same:
+            raise ValueError(f"state_dict has two different tensors for layer {path!r}")
+        out[path] = t
+    return out
