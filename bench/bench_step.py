@@ -18,7 +18,7 @@ steps are counted in proportion) in a rotated order. A step is forward + backwar
 * ``peak MiB`` / ``peak ratio`` (CUDA only): method's parameters + optimizer state + buffers
   plus the largest transient allocation during its steps;
 * ``parity``: worst relative error of one step's weight update vs the unbatched float64
-  reference (``bench/parity.py``), computed on a float64 copy of the model.
+  reference (:mod:`optlora.testing.parity`), computed on a float64 copy of the model.
 """
 
 from __future__ import annotations
@@ -32,9 +32,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import models  # noqa: E402
-import parity  # noqa: E402
+from optlora import make_method  # noqa: E402
+from optlora.testing import models, parity  # noqa: E402
 
 METHODS = ("lora", "reflora", "reflora_s", "scalora", "scalora_i")
 MiB = 1 << 20
@@ -86,7 +85,7 @@ class Runner:
         self.kind = kind
         self.model = models.build(spec, rank=rank, dtype=dtype, device=device)
         self.optimizer = torch.optim.AdamW(models.lora_parameters(self.model), lr=1e-4)
-        self.method = parity.make_method(kind, self.model, warmup_steps)
+        self.method = make_method(kind, self.model, warmup_steps=warmup_steps)
         self.hook_s = 0.0
         self.hook_calls = 0
         if self.method is not None:
@@ -177,7 +176,7 @@ def parity_error(kind, spec, rank, device, batch) -> float:
     """Worst relative error of one due step's weight update vs the float64 reference."""
     model = models.build(spec, rank=rank, dtype=torch.float64, device=device)
     optimizer = torch.optim.AdamW(models.lora_parameters(model), lr=1e-3)
-    method = parity.make_method(kind, model, warmup_steps=1)
+    method = make_method(kind, model, warmup_steps=1)
     if method is not None:
         method.attach(optimizer)
     model(**batch).loss.backward()  # plain warm-up step: Adam moments exist before the checked step

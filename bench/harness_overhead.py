@@ -21,20 +21,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from optlora.experiments import harness  # noqa: E402
-from optlora.experiments.baselines import build  # noqa: E402
-from optlora.experiments.data import DataError, load_task  # noqa: E402
-from optlora.experiments.finetune import default_config  # noqa: E402
-from optlora.experiments.models import default_model, load_classifier  # noqa: E402
+from optlora.experiments import harness
+from optlora.experiments.baselines import build
+from optlora.experiments.data import DataError, load_task
+from optlora.experiments.finetune import default_config
+from optlora.experiments.models import default_model, load_classifier
 
 
 def old_loop(rows, model_name, steps, batch_size, max_len, lr, seed) -> tuple[list[float], list[float]]:

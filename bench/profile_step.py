@@ -12,15 +12,12 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import models  # noqa: E402
-import parity  # noqa: E402
+from optlora import make_method  # noqa: E402
+from optlora.testing import models  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -42,7 +39,7 @@ def main(argv=None) -> int:
     spec = models.SPECS[args.model]
     model = models.build(spec, rank=args.rank, dtype=getattr(torch, args.dtype), device=args.device)
     optimizer = torch.optim.AdamW(models.lora_parameters(model), lr=1e-4)
-    method = parity.make_method(args.method, model, warmup_steps=1)
+    method = make_method(args.method, model, warmup_steps=1)
     if method is not None:
         method.attach(optimizer)
     bs, seq = (int(x) for x in args.batch.split("x"))

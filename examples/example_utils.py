@@ -9,9 +9,10 @@ import random
 
 import peft
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import optlora
+from optlora.testing.models import tiny_llama, word_tokenizer
 
 METHODS = ("reflora", "reflora_s", "scalora", "scalora_i", "lora")
 
@@ -46,36 +47,24 @@ def common_args(description: str, *, method: str, output_dir: str) -> argparse.A
     return p
 
 
-def tiny_tokenizer(words: int = 250) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over ``w0 .. w{words-1}`` (no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i + 4 for i in range(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-
-
 def load_model(name: str | None, seed: int = 0):
     """``name=None``: a 2-layer Llama from a config (CPU, seconds); ``"smollm2"``: the packaged SmolLM2; else a hub id or path."""
     if name is None:
-        torch.manual_seed(seed)
-        tok = tiny_tokenizer()
-        cfg = LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=128,
+        tok = word_tokenizer(250)
+        model = tiny_llama(
+            vocab=len(tok),
+            hidden=64,
+            intermediate=128,
+            layers=2,
+            heads=4,
+            kv_heads=4,
+            max_positions=128,
             pad_token_id=tok.pad_token_id,
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,
+            seed=seed,
         )
-        return LlamaForCausalLM(cfg), tok
+        return model, tok
     if name == "smollm2":
         from optlora.experiments.models import resolve_model
 
@@ -115,9 +104,7 @@ def texts(n: int, jsonl: str | None = None, fields: tuple[str, ...] = ("question
 
 
 def make_method(name: str, model, warmup_steps: int, interval: int):
-    """The optlora method ``name`` (None for plain LoRA); ``interval`` applies to ScaLoRA-I only."""
-    if name == "lora":
-        return None
-    if name.startswith("reflora"):
-        return optlora.RefLoRA(model, scalar=name == "reflora_s", warmup_steps=warmup_steps)
-    return optlora.ScaLoRA(model, warmup_steps=warmup_steps, interval=interval if name == "scalora_i" else 1)
+    """The optlora method ``name`` from the registry (``None`` for plain LoRA); ``interval`` is ScaLoRA-I's."""
+    return optlora.make_method(
+        name, model, warmup_steps=warmup_steps, **({"interval": interval} if name == "scalora_i" else {})
+    )

@@ -25,19 +25,9 @@ SUBCOMMANDS = (
     ("optlora.experiments.finetune", "finetune"),
     ("optlora.experiments.plots", "plot"),
     ("optlora.experiments.demo", "demo"),
-    ("optlora.export", "export"),
+    ("optlora.export_cli", "export"),
 )
 _INTERNAL = {"func", "command", "config", "global_config", "help", "_strip_config"}
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows ``(default: X)`` unless the default is None/False or the help text already names it."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
-            return text
-        return super()._get_help_string(action)
 
 
 class ConfigError(ValueError):

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .distributed import is_dtensor
+
 SUPPORTED = "peft LoRA `Linear` layers (incl. fan_in_fan_out / GPT-2 Conv1D, rsLoRA, several adapters)"
 
 
@@ -85,13 +87,69 @@ def _unsupported_reason(module: nn.Module, adapter: str, linear_cls: type) -> st
 def _check_mergeable(f: LoRAFactors) -> str | None:
     base = f.module.get_base_layer()
     w = getattr(base, "weight", None)
-    if type(w) not in (torch.Tensor, nn.Parameter) or not w.is_floating_point():
+    if (type(w) not in (torch.Tensor, nn.Parameter) and not is_dtensor(w)) or not w.is_floating_point():
         return f"base layer {type(base).__name__} has no plain floating-point weight to merge into (quantised?)"
     expected = (f.lora_B.shape[0], f.lora_A.shape[1])
     shape = tuple(w.shape[::-1]) if f.fan_in_fan_out else tuple(w.shape)
     if shape != expected:
         return f"base weight shape {tuple(w.shape)} does not match the adapter ({expected}, fan_in_fan_out={f.fan_in_fan_out})"
     return None
+
+
+def _memory_key(t: torch.Tensor | None) -> tuple | None:
+    """What ``t``'s memory is known by: ``(device, storage pointer)``, an FSDP2 DTensor's identity, or ``None``."""
+    if t is None or t.device.type == "meta":
+        return None
+    if is_dtensor(t):
+        return ("dtensor", id(t))
+    return None if t.untyped_storage().nbytes() == 0 else (t.device, t.untyped_storage().data_ptr())
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """``[start, end)`` of the bytes ``t`` can touch in its storage (a DTensor: all of it)."""
+    if is_dtensor(t):
+        return 0, 1
+    size = t.element_size()
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else -1
+    return t.storage_offset() * size, (t.storage_offset() + last + 1) * size
+
+
+def shared_base_weights(model: nn.Module, factors: list[LoRAFactors]) -> dict[str, list[str]]:
+    """Adapters whose base weight shares memory with a tensor of another module, and who shares it.
+
+    Tied weights (``tie_word_embeddings``: ``lm_head.weight is embed_tokens.weight``) or one
+    ``nn.Linear`` registered under two names: merging into such a weight (ScaLoRA) also changes
+    the other module. Adapters of the same LoRA layer share their base weight legitimately.
+    FSDP2 parameters are compared by identity: ``fully_shard`` keeps a tied parameter as one DTensor,
+    and a rank's local shard may be empty, so its storage would tell nothing (and ranks would disagree).
+    """
+    owners: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
+    paths: dict[int, list[str]] = {}  # a module reused under several names (shared layers) has several paths
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(mod_name)
+        for kind in (module.named_parameters(recurse=False), module.named_buffers(recurse=False)):
+            for name, t in kind:
+                key = _memory_key(t)
+                if key is not None:
+                    owners.setdefault(key, []).append((f"{mod_name}.{name}" if mod_name else name, t))
+    out: dict[str, list[str]] = {}
+    for f in factors:
+        w = f.base_weight
+        key = _memory_key(w)
+        if key is None:
+            continue
+        own = [f"{p}." if p else "" for p in paths.get(id(f.module), [])]
+        lo, hi = _byte_range(w)
+        others = []
+        for name, t in owners.get(key, []):
+            a, b = _byte_range(t)
+            # this LoRA layer's own base layer (through ``base_layer``, possibly nested) is not a share
+            mine = any(name.startswith(o) and set(name[len(o) :].split(".")[:-1]) <= {"base_layer"} for o in own)
+            if a < hi and lo < b and not mine:
+                others.append(name)
+        if others:
+            out[f.name] = others
+    return out
 
 
 def find_lora_factors(
@@ -125,6 +183,14 @@ def find_lora_factors(
                 found.append(f)
             else:
                 problems.append(f"{name}: {reason}")
+    if mergeable:
+        for name, others in shared_base_weights(model, found).items():
+            found = [f for f in found if f.name != name]
+            problems.append(
+                f"{name}: its base weight is shared with {', '.join(others[:3])} (tied weights, e.g. "
+                "tie_word_embeddings=True): merging into it would also change that module. Untie the weights, "
+                "leave this layer out of target_modules, or use RefLoRA (it never modifies base weights)"
+            )
     if problems:
         msg = f"unsupported LoRA layer(s); optlora supports {SUPPORTED}:\n  " + "\n  ".join(problems)
         if not skip_unsupported:
@@ -138,16 +204,31 @@ def find_lora_factors(
     return found
 
 
-def unwrap_optimizer(optimizer):
-    """The innermost ``torch.optim.Optimizer`` inside wrappers such as accelerate's ``AcceleratedOptimizer``.
+def lora_layers(model: nn.Module, adapter: str | None = None) -> list[LoRAFactors]:
+    """Every PEFT LoRA ``Linear`` adapter ``adapter`` of ``model``, trainable or not.
 
-    Such wrappers may themselves subclass ``torch.optim.Optimizer`` (accelerate's does) while the
-    hooks, state and parameter groups that matter live on the wrapped ``.optimizer``.
+    Unlike :func:`find_lora_factors` (what a method trains), this lists what a saved or
+    exported model holds. Names are module paths inside the *base* model (no ``[adapter]``
+    suffix), as PEFT's own state dicts and ``target_modules`` use them. ``adapter`` defaults
+    to the model's active adapter.
     """
-    seen = set()
-    while getattr(optimizer, "optimizer", None) is not None and id(optimizer) not in seen:
-        seen.add(id(optimizer))
-        optimizer = optimizer.optimizer
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"expected a torch.optim.Optimizer (or a wrapper of one), got {type(optimizer).__name__}")
-    return optimizer
+    _, linear_cls = _lora_classes()
+    if adapter is None:
+        adapter = getattr(model, "active_adapter", None) or "default"
+    if isinstance(adapter, (list, tuple)):
+        adapter = adapter[0]
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out = [
+        LoRAFactors(path, module, adapter)
+        for path, module in inner.named_modules()
+        if isinstance(module, linear_cls) and adapter in module.lora_A
+    ]
+    if not out:
+        raise ValueError(f"{type(model).__name__} has no PEFT LoRA Linear layer with adapter {adapter!r}")
+    return out
+
+
+def is_lora_model(model: nn.Module) -> bool:
+    """Whether ``model`` contains any PEFT LoRA layer (a ``PeftModel`` or a module with LoRA layers inside)."""
+    lora_layer, _ = _lora_classes()
+    return hasattr(model, "get_base_model") or any(isinstance(m, lora_layer) for m in model.modules())

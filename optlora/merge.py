@@ -39,10 +39,6 @@ def resolve_mode(mode: str, dtype: torch.dtype) -> str:
     return "stochastic" if mode == "auto" else mode
 
 
-def needs_buffer(mode: str, dtype: torch.dtype) -> bool:
-    return resolve_mode(mode, dtype) in ("kahan", "fp32")
-
-
 def new_buffer(weight: torch.Tensor, mode: str) -> torch.Tensor | None:
     """The per-weight buffer a mode needs (zeros for Kahan, a float32 copy for fp32)."""
     mode = resolve_mode(mode, weight.dtype)
@@ -117,7 +113,10 @@ def merge_low_rank_(
     mode = resolve_mode(mode, weight.dtype)
     # the thin factor times coeff in float32 (or better); a single rounding happens when it meets the weight
     work = torch.promote_types(torch.promote_types(lora_B.dtype, weight.dtype), torch.float32)
-    left, right = lora_B.to(work) * coeff.to(work)[None, :], lora_A.to(work)
+    # lora_B * coeff in the wider of coeff's dtype and ``work``, rounded once: a coefficient beyond the
+    # float32 range (ScaLoRA on tiny factors) can still give a representable product
+    wide = torch.promote_types(work, coeff.dtype)
+    left, right = (lora_B.to(wide) * coeff.to(wide)[None, :]).to(work), lora_A.to(work)
     if fan_in_fan_out:  # weight stored as in x out: W^T += s * A^T diag(c) B^T
         left, right = right.mT, left.mT
     if mode == "nearest":

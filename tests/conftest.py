@@ -2,7 +2,7 @@
 
 Every model here is built from a config (no download) and is small enough that one
 optimizer step takes milliseconds. ``snapshot`` turns the LoRA state a method sees into
-float64 numpy arrays for the independent reference in ``tests/reference.py``.
+float64 numpy arrays for the independent reference in :mod:`optlora.testing.reference`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from torch import nn  # noqa: E402
+
+from optlora.testing import models  # noqa: E402
 
 # One intra-op thread per pytest-xdist worker: CI has 2 cores and runs 2 workers; more threads
 # oversubscribe the cores and make tiny-model steps up to ~100x slower.
@@ -76,13 +78,7 @@ def mlp_loss(model, batch):
 
 def tiny_gpt2(dtype=torch.float64, *, r=2, random_b=True, seed=0):
     """One-layer GPT-2 (``Conv1D`` => ``fan_in_fan_out=True``)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(
-        n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0
-    )
-    model = GPT2LMHeadModel(cfg).to(dtype)
+    model = models.tiny_gpt2(embd=8, layers=1, heads=2, vocab=16, positions=8, dtype=dtype, seed=seed)
     lcfg = LoraConfig(
         r=r,
         lora_alpha=2 * r,
@@ -96,19 +92,9 @@ def tiny_gpt2(dtype=torch.float64, *, r=2, random_b=True, seed=0):
 
 def tiny_llama(dtype=torch.float64, *, r=2, random_b=True, seed=0):
     """One-layer Llama with LoRA on every linear except the head."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=32,
-        max_position_embeddings=16,
+    model = models.tiny_llama(
+        hidden=16, intermediate=24, layers=1, heads=2, kv_heads=1, vocab=32, max_positions=16, dtype=dtype, seed=seed
     )
-    model = LlamaForCausalLM(cfg).to(dtype)
     lcfg = LoraConfig(
         r=r,
         lora_alpha=2 * r,
@@ -216,8 +202,8 @@ def make_optimizer(name, model):
 
 
 def reference_optimizer_step(name, p, g, st):
-    """The optimizer's update in numpy (plain SGD, or AdamW from tests/reference.py)."""
-    import reference as ref
+    """The optimizer's update in numpy (plain SGD, or AdamW from optlora.testing.reference)."""
+    from optlora.testing import reference as ref
 
     cls, kw = OPTIMIZERS[name]
     if cls is torch.optim.SGD:

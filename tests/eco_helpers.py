@@ -8,7 +8,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import peft  # noqa: E402
 import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+from optlora.testing import models  # noqa: E402
 
 # 2 shared cores: intra-op threads oversubscribe and make tiny models ~100x slower.
 torch.set_num_threads(1)
@@ -18,18 +20,7 @@ VOCAB = 64
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     """A 2-layer Llama built from a config (no download), deterministic given ``seed``."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(cfg).to(dtype)
+    return models.tiny_llama(vocab=VOCAB, seed=seed, dtype=dtype)
 
 
 def lora_config(r: int = 4, **kw) -> peft.LoraConfig:
@@ -71,14 +62,7 @@ class TokenDataset(torch.utils.data.Dataset):
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer over ``w0 .. w59`` plus specials (ids < VOCAB), built offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i + 4 for i in range(VOCAB - 4)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+    return models.word_tokenizer(VOCAB - 4)
 
 
 def tiny_texts(n: int = 16, seed: int = 0) -> list[str]:

@@ -1,7 +1,7 @@
-"""Moment transfer rules (optlora/optimizer_state.py): rescaling the state equals re-running the history.
+"""Moment transfer rules (optlora.optimizer_state): rescaling the state equals re-running the history.
 
 A rescaling ``A~ = A diag(alpha)`` at the same weight multiplies every later gradient of the
-factor column-wise by a constant (spec 4.7). A correct rule makes the optimizer state look
+factor column-wise by a constant (ScaLoRA Lemmas 3.3/3.6). A correct rule makes the optimizer state look
 as if the whole gradient history had been produced in the new coordinates.
 """
 
@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from optlora import register_moment_rule
-from optlora.optimizer_state import moment_rule, require_moment_rule, scale_param_state_
+from optlora.optimizer_state import moment_rule, moment_tensors, require_moment_rule
+
+
+def scale_param_state_(opt, rule, p, scale):
+    """Multiply the moments of ``p`` by ``scale ** power`` through :func:`moment_tensors` (what a rescale does)."""
+    for t, power in moment_tensors(opt, rule, p):
+        t.mul_(scale.to(t.dtype) ** power)
+
 
 CASES = {
     "adam": (torch.optim.Adam, {"lr": 0.01}),
@@ -96,3 +103,34 @@ def test_scalar_moments_are_not_touched():
     scale_param_state_(opt, moment_rule(opt), p, torch.full((2, 1), 3.0))
     assert torch.equal(opt.state[p]["step"], step) and torch.equal(opt.state[p]["mu_product"], mu)
     np.testing.assert_allclose(opt.state[p]["exp_avg"].numpy(), 3 * 0.1 * np.ones((2, 2)), rtol=1e-6)
+
+
+def test_factored_quantised_or_uncovered_state_is_refused_not_skipped():
+    p = torch.nn.Parameter(torch.zeros(3, 4))
+    p.grad = torch.ones(3, 4)
+
+    class OwnKeys(torch.optim.Adam):  # an Adam subclass that keeps its moments under other names
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for q in group["params"]:
+                    st = self.state[q]
+                    st["m"] = st.get("m", torch.zeros_like(q)) + q.grad
+            return None
+
+    opt = OwnKeys([p])
+    opt.step()
+    with pytest.raises(TypeError, match="'m' is not covered"):
+        moment_tensors(opt, require_moment_rule(opt, "ScaLoRA"), p)
+
+    factored = torch.optim.Adafactor([p])
+    factored.step()
+    rule = {k: 2 for k, v in factored.state[p].items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    assert rule, "Adafactor keeps factored second moments"
+    with pytest.raises(TypeError, match="factored state"):
+        moment_tensors(factored, rule, p)
+
+    quantised = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    quantised.step()
+    quantised.state[p]["momentum_buffer"] = torch.zeros(3, 4, dtype=torch.uint8)
+    with pytest.raises(TypeError, match="quantised state"):
+        moment_tensors(quantised, {"momentum_buffer": 1}, p)

@@ -2,7 +2,6 @@
 
 * :mod:`optlora.experiments.mf` -- the matrix-factorisation toy of RefLoRA Sec. 4.1 / Fig. 2
   (``optlora mf``), run through the library on a PEFT model;
-* :mod:`optlora.experiments.scaledgd` -- the ScaledGD baseline as a :class:`optlora.LoRAMethod`;
 * ``optlora.experiments.finetune`` -- real fine-tunes of any GLUE-format task, LLM-Adapters
   commonsense / math set or GSM8K with every method (``optlora finetune``), built from
   :mod:`~optlora.experiments.data` (loaders), :mod:`~optlora.experiments.baselines` (methods),

@@ -14,8 +14,8 @@ method needs its own optimizer. Baselines come from the ecosystem:
 * ``galore`` -- transformers' built-in ``optim="galore_adamw"`` (``galore-torch``) on the target
   linear layers: full fine-tuning with rank-``r`` gradient projection;
 * ``reflora`` / ``reflora_s`` / ``scalora`` / ``scalora_i`` -- PEFT LoRA plus the optlora method
-  through the public API (``optlora.RefLoRA(model, ...)`` / ``optlora.ScaLoRA(model, ...)``), attached
-  to the Trainer's optimizer by ``optlora.hf.callback``; ScaLoRA-I scales every ``interval_i`` steps.
+  from the registry (``optlora.make_method(name, model, ...)``), attached to the Trainer's optimizer
+  by ``optlora.hf.callback``; ScaLoRA-I scales every ``interval_i`` steps.
 
 :meth:`Setup.loop_optimizer` gives the same optimizer for a hand-written loop (tests, benchmarks).
 """
@@ -140,6 +140,7 @@ def build(
     galore_gap: int = 50,
     galore_scale: float = 0.25,
     targets=None,
+    on_nonfinite: str = "raise",
 ) -> Setup:
     """Wrap ``model`` for method ``name``.
 
@@ -147,6 +148,8 @@ def build(
     ``"CAUSAL_LM"``). ``alpha`` defaults to ``2 * rank``. ``warmup_steps`` are the plain LoRA
     steps before an optlora method starts (RefLoRA Sec. 4 / ScaLoRA Sec. 5 use 100 on long runs).
     ``lr`` is used only by the optimizers built here (LoRA+); the Trainer's comes from its arguments.
+    ``on_nonfinite`` goes to the optlora method (``"skip"``: a NaN/Inf gradient is left to the plain
+    optimizer step, as for every other method, instead of raising).
     """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
@@ -192,11 +195,13 @@ def build(
         return Setup(name, peft_model, optimizer=opt, info=info)
 
     method = None
-    if name in ("reflora", "reflora_s"):
-        method = optlora.RefLoRA(peft_model, scalar=name == "reflora_s", warmup_steps=warmup_steps)
-    elif name in ("scalora", "scalora_i"):
-        interval = 1 if name == "scalora" else interval_i
-        method = optlora.ScaLoRA(peft_model, warmup_steps=warmup_steps, interval=interval, kappa=kappa)
-    if method is not None:
+    if name in OPTLORA_METHODS:
+        options = {"warmup_steps": warmup_steps, "on_nonfinite": on_nonfinite}
+        if name in ("scalora", "scalora_i"):
+            options["kappa"] = kappa
+        if name == "scalora_i":
+            options["interval"] = interval_i
+        method = optlora.make_method(name, peft_model, **options)
+    if method is not None:  # attached to the Trainer's optimizer by optlora.hf.callback (or loop_optimizer)
         info["optlora"] = method.config()
     return Setup(name, peft_model, method=method, info=info)

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli import HelpFormatter
+from ..cliutil import HelpFormatter
 from . import mf
 
 FT_TASK, FT_METHODS = "gsm8k_match", ("lora", "reflora", "scalora")

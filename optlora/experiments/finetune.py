@@ -201,7 +201,7 @@ def _sweep(data, prep, cfg, methods, seeds, lrs, full_lrs, resume, out: Path, pl
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``optlora finetune``."""
-    from ..cli import HelpFormatter
+    from ..cliutil import HelpFormatter
 
     p = subparsers.add_parser(
         "finetune",

@@ -238,8 +238,11 @@ def train_one(prep: Prepared, method: str, lr: float, seed: int, cfg: dict, *, s
     set_seed(seed)
     model, _ = load_model(task, cfg["model"], getattr(torch, cfg["dtype"]))
     warm = cfg["method_warmup"] if cfg["method_warmup"] is not None else max(1, round(0.1 * steps))
+    # on_nonfinite="skip": a diverging run (NaN loss) ends as diverged for every method alike (StepRecorder),
+    # instead of the optlora method raising and ending the sweep; its skips are counted in optlora_stats
     setup = build(method, model, task_type=task.task_type, lr=lr, rank=cfg["rank"], alpha=cfg["alpha"],
-                  weight_decay=cfg["weight_decay"], warmup_steps=warm, interval_i=cfg["interval_i"], kappa=cfg["kappa"])  # fmt: skip
+                  weight_decay=cfg["weight_decay"], warmup_steps=warm, interval_i=cfg["interval_i"], kappa=cfg["kappa"],
+                  on_nonfinite="skip")  # fmt: skip
     recorder = StepRecorder(device)
     tracker = None
     if cfg["telemetry_every"] > 0 and method in LORA_FAMILY:

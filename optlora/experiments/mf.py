@@ -1,9 +1,9 @@
-"""Low-rank matrix factorisation with plain GD (RefLoRA Sec. 4.1, Fig. 2; spec Sec. 5.1 "Toys", MF-1).
+"""Low-rank matrix factorisation with plain GD (RefLoRA Sec. 4.1, Fig. 2).
 
 Problem: ``min 1/2 ||A B^T - Y||_F^2`` with ``Y`` (m x n) a random rank-r target (top-r
 SVD part of a Gaussian matrix), LoRA initialisation ``A ~ N(0, 1)``, ``B = 0``, and one
 plain GD warm-up step shared by every method (RefLoRA and ScaledGD cannot leave
-``B = 0``: RefLoRA's geometric mean is 0 there, spec check WARMUP-1). ``L = 1`` for this loss.
+``B = 0``: RefLoRA's geometric mean is 0 there, RefLoRA Assumption 1). ``L = 1`` for this loss.
 
 Every method runs *through the library* on a real PEFT model: an ``nn.Linear(m, n,
 bias=False)`` with zero weight wrapped by ``get_peft_model`` (``r``, ``lora_alpha = r``,
@@ -12,11 +12,11 @@ so the PEFT scaling ``s`` is 1); forwarding the m x m identity gives ``A B^T`` w
 attached as a step pre-hook. Methods:
 
 * ``lora`` -- plain GD;
-* ``scaledgd`` -- Tong, Ma & Chi (2021), :class:`optlora.experiments.scaledgd.ScaledGD`;
+* ``scaledgd`` -- Tong, Ma & Chi (2021), :class:`optlora.ScaledGD`;
 * ``reflora`` / ``reflora_s`` -- :class:`optlora.RefLoRA` (Theorem 3 / Theorem 5);
 * ``scalora`` -- :class:`optlora.ScaLoRA` with ``kappa = damping / (L s eta)`` (theory value for damping 1);
 * ``scalora_i`` -- ScaLoRA-I (``interval = I``) with a damped ``kappa`` (the undamped
-  value diverges for ``I > 1`` under plain GD, spec Sec. 4.10 / check T10c).
+  value diverges for ``I > 1`` under plain GD; measured, see docs/RESULTS.md).
 
 Result file (one per learning rate): ``{"methods": {NAME: SERIES}, "config": {...}}``
 where ``SERIES`` maps each of ``loss, norm_A, norm_B, grad_norm_A, grad_norm_B,
@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import HelpFormatter
+from ..cliutil import HelpFormatter
 from . import results as res
 
 METHODS = ("lora", "scaledgd", "reflora", "reflora_s", "scalora", "scalora_i")
@@ -55,7 +55,7 @@ LIPSCHITZ = 1.0  # of W -> 1/2 ||W - Y||^2
 
 @dataclass
 class MFConfig:
-    """Options of one matrix-factorisation comparison (defaults reproduce the spec replica MF-1)."""
+    """Options of one matrix-factorisation comparison (defaults: RefLoRA Sec. 4.1's setup)."""
 
     m: int = 100
     n: int = 80
@@ -127,22 +127,15 @@ def make_method(name: str, model, lr: float, cfg: MFConfig):
     """The library method for ``name`` (None for plain LoRA); ScaLoRA's ``kappa = damping / (L s lr)``."""
     import optlora
 
-    from .scaledgd import ScaledGD
-
-    w = cfg.warmup_steps
-    if name == "lora":
-        return None
-    if name == "scaledgd":
-        return ScaledGD(model, warmup_steps=w)
-    if name in ("reflora", "reflora_s"):
-        return optlora.RefLoRA(model, scalar=name == "reflora_s", warmup_steps=w)
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {list(METHODS)}")
+    kwargs = {"warmup_steps": cfg.warmup_steps}
     scaling = 1.0  # lora_alpha = r
     if name == "scalora":
-        return optlora.ScaLoRA(model, warmup_steps=w, kappa=cfg.scalora_damping / (LIPSCHITZ * scaling * lr))
-    if name == "scalora_i":
-        kappa = cfg.scalora_i_damping / (LIPSCHITZ * scaling * lr)
-        return optlora.ScaLoRA(model, warmup_steps=w, interval=cfg.scalora_i_interval, kappa=kappa)
-    raise ValueError(f"unknown method {name!r}; choose from {list(METHODS)}")
+        kwargs["kappa"] = cfg.scalora_damping / (LIPSCHITZ * scaling * lr)
+    elif name == "scalora_i":
+        kwargs.update(interval=cfg.scalora_i_interval, kappa=cfg.scalora_i_damping / (LIPSCHITZ * scaling * lr))
+    return optlora.make_method(name, model, **kwargs)
 
 
 def run_method(name: str, lr: float, cfg: MFConfig, problem=None, progress: bool = False) -> tuple[dict, dict]:

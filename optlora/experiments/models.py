@@ -185,56 +185,38 @@ def load_tokenizer(name: str, kind: str = "classification"):
 
 # ---------------------------------------------------------------------------------------- tiny models
 def tiny_tokenizer():
-    """Character-level tokenizer (printable ASCII + newline), built offline with ``tokenizers``."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """Character-level tokenizer (printable ASCII + newline), offline: :func:`optlora.testing.models.char_tokenizer`."""
+    from optlora.testing.models import char_tokenizer
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "</s>"]
-    chars = [chr(i) for i in range(32, 127)] + ["\n"]
-    vocab = {t: i for i, t in enumerate(specials + chars)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r".|\n"), behavior="isolated")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        eos_token="</s>",
-    )
+    return char_tokenizer()
 
 
 def tiny_classifier(tokenizer, num_labels: int = 2, hidden: int = 32, layers: int = 2, seed: int = 0):
-    from transformers import BertConfig, BertForSequenceClassification
+    from optlora.testing.models import tiny_bert_classifier
 
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=512,
+    return tiny_bert_classifier(
+        vocab=len(tokenizer),
         num_labels=num_labels,
+        hidden=hidden,
+        layers=layers,
         pad_token_id=tokenizer.pad_token_id,
+        seed=seed,
     )
-    return BertForSequenceClassification(cfg)
 
 
 def tiny_causal_lm(tokenizer, hidden: int = 32, layers: int = 2, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from optlora.testing.models import tiny_llama
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=1024,
+    return tiny_llama(
+        vocab=len(tokenizer),
+        hidden=hidden,
+        layers=layers,
+        heads=4,
+        kv_heads=2,
+        intermediate=2 * hidden,
+        max_positions=1024,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
+        seed=seed,
     )
-    return LlamaForCausalLM(cfg)

@@ -21,7 +21,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from ..cli import HelpFormatter
+from ..cliutil import HelpFormatter
 from . import results as res
 
 COLORS = {

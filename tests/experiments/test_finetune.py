@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import math
 
 import pytest
+import torch
 
 from optlora import cli
 from optlora.experiments import finetune, results
@@ -166,3 +168,30 @@ def test_cli_end_to_end_with_a_config_file(data_root, tmp_path):
     assert code == 0
     rec = results.read_json(tmp_path / "cli" / "mrpc_lora_lr0.001_seed0.json")
     assert {"f1", "accuracy"} <= set(rec["final"]) and rec["config"]["threads"] == 1
+
+
+def test_method_warmup_longer_than_the_run_warns(data_root, tmp_path):
+    with pytest.warns(UserWarning, match="will never be applied: the run has 4 optimizer steps and warmup_steps=9"):
+        finetune.run_finetune("sst2", ["reflora"], out_dir=tmp_path, data_dir=data_root, holdout_frac=0.0,
+                              **{**TINY, "method_warmup": 9})  # fmt: skip
+
+
+def test_a_diverging_run_is_recorded_as_diverged_for_every_method_alike(data_root, tmp_path, monkeypatch):
+    """A NaN in the model after step 2 ends the run at step 3 (no scores), and the sweep goes on."""
+    on_step_end = StepRecorder.on_step_end
+
+    def poison_after_2(self, args, state, control, **k):
+        if state.global_step == 2:
+            with torch.no_grad():
+                next(p for n, p in k["model"].named_parameters() if "lora_A" in n).fill_(float("nan"))
+        return on_step_end(self, args, state, control, **k)
+
+    monkeypatch.setattr(StepRecorder, "on_step_end", poison_after_2)
+    methods = ["lora", "reflora", "scalora"]
+    recs = finetune.run_finetune("sst2", methods, out_dir=tmp_path, data_dir=data_root, holdout_frac=0.0,
+                                 telemetry_every=0, **TINY)  # fmt: skip
+    assert [r["method"] for r in recs] == methods
+    for r in recs:
+        assert r["final"]["diverged_at_step"] == 3 and r["final"]["score"] is None, r["method"]
+        assert [s["step"] for s in r["steps"]] == [1, 2, 3] and not math.isfinite(r["steps"][-1]["loss"])
+    assert all(r["optlora_stats"]["skipped"]["nonfinite"] > 0 for r in recs[1:])  # counted, left to AdamW as LoRA

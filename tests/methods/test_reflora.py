@@ -1,8 +1,8 @@
 """RefLoRA and RefLoRA-S on whole PEFT models against the numpy reference of the paper.
 
 One optimizer step per (model, optimizer) with the method applied, compared to
-``A <- A - eta dA S^{-1}``, ``B <- B - eta dB S`` (RefLoRA, spec 2.3/2.5) and to
-"refactor ``A <- P A, B <- B / P`` with moments rescaled, then step" (RefLoRA-S, spec 3.2/3.3),
+``A <- A - eta dA S^{-1}``, ``B <- B - eta dB S`` (RefLoRA Sec. 3.3) and to
+"refactor ``A <- P A, B <- B / P`` with moments rescaled, then step" (RefLoRA-S, Thm 5 and Sec. 3.3),
 plus the hypothesis properties of Theorem 6 (consistency), balance and the A<->B swap.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import reference as ref
 import torch
 from conftest import (
     MODEL_KINDS,
@@ -26,6 +25,7 @@ from hypothesis import strategies as st
 
 import optlora
 from optlora import functional as F
+from optlora.testing import reference as ref
 
 # every optimizer variant on the MLPs; the transformer models with SGD and two AdamW implementations
 CASES = [(k, o) for k in MODEL_KINDS for o in OPTIMIZERS if k.startswith("mlp") or o in ("sgd", "adamw", "adamw_fused")]
@@ -165,5 +165,5 @@ def test_theorem6_on_a_peft_model(seed):
         effective[transform, warmup] = [(f.lora_B @ f.lora_A * f.scaling).detach().numpy() for f in method.factors]
     for a, b in zip(effective[False, 0], effective[True, 0]):
         np.testing.assert_allclose(b, a, rtol=1e-8, atol=1e-10)
-    # control: vanilla LoRA is not consistent (spec T8b), so the comparison above can fail
+    # control: vanilla LoRA is not consistent (RefLoRA, remark after Thm 6), so the comparison above can fail
     assert max(np.abs(a - b).max() for a, b in zip(effective[False, 1], effective[True, 1])) > 1e-6

@@ -1,8 +1,8 @@
 """The batched fast path equals the unbatched float64 reference (numerics only, never timing).
 
 * one due optimizer step of every method on tiny float64 models (Llama: several same-shape
-  layer groups; GPT-2: ``fan_in_fan_out``) vs ``bench/parity.py``'s per-layer reference
-  written from the spec (``tests/reference.py``) followed by a textbook AdamW step;
+  layer groups; GPT-2: ``fan_in_fan_out``) vs :mod:`optlora.testing.parity`'s per-layer reference
+  written from the papers (:mod:`optlora.testing.reference`) followed by a textbook AdamW step;
 * the group-wise ``foreach`` rescale equals a plain per-layer rescale (``_rescale_one_``) bit for bit;
 * the in-place bfloat16 stochastic rounding used by the merge equals ``stochastic_round``;
 * the cheaper finiteness checks still catch a single non-finite entry in one layer.
@@ -11,21 +11,17 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import models  # noqa: E402
-import parity  # noqa: E402
-
 import optlora  # noqa: E402
 from optlora import merge  # noqa: E402
-from optlora.method import group_factors  # noqa: E402
-from optlora.optimizer_state import scale_param_state_  # noqa: E402
+from optlora.functional import chain_rule_rescaling  # noqa: E402
+from optlora.methods.layers import group_factors  # noqa: E402
+from optlora.optimizer_state import moment_tensors  # noqa: E402
+from optlora.testing import models, parity  # noqa: E402
 
 TINY = models.ModelSpec("llama", hidden=48, intermediate=96, heads=4, kv_heads=2, layers=2, vocab=64)
 TOL = 1e-10  # float64 end to end: the two paths differ only by round-off
@@ -53,7 +49,7 @@ def _gpt2(rank=4):
 
 def _due_step_error(kind, model, batch, **method_kwargs):
     opt = torch.optim.AdamW(models.lora_parameters(model), lr=1e-3)
-    method = parity.make_method(kind, model, warmup_steps=1, **method_kwargs)
+    method = optlora.make_method(kind, model, warmup_steps=1, **method_kwargs)
     if method is not None:
         method.attach(opt)
     model(**batch).loss.backward()  # plain step: Adam moments exist before the checked step
@@ -88,8 +84,9 @@ def _rescale_one_(method, f, alpha, beta):
     A, B = f.lora_A, f.lora_B
     for t, sc in ((A, alpha[:, None]), (B, beta[None, :]), (A.grad, beta[:, None]), (B.grad, alpha[None, :])):
         t.mul_(sc.to(torch.promote_types(t.dtype, torch.float32)))
-    scale_param_state_(method.optimizer, method._rule, A, beta[:, None])
-    scale_param_state_(method.optimizer, method._rule, B, alpha[None, :])
+    for p, sc in ((A, beta[:, None]), (B, alpha[None, :])):
+        for t, power in moment_tensors(method.optimizer, method._rule, p):
+            t.mul_(sc.to(torch.promote_types(t.dtype, torch.float32)) ** power)
 
 
 def _with_state(model, dtype):
@@ -119,7 +116,7 @@ def test_group_rescale_equals_per_layer_rescale(dtype, full):
         with torch.no_grad():  # as in the optimizer pre-hook
             for i, f in enumerate(ref_g.factors):
                 _rescale_one_(ref_m, f, alpha[i], beta[i])
-            fast_m._rescale_group_(fast_g, alpha, beta)
+            fast_m._rescale_group_(fast_g, chain_rule_rescaling(alpha, beta))
     for fr, ff in zip(ref_m.factors, fast_m.factors):
         for a, b in ((fr.lora_A, ff.lora_A), (fr.lora_B, ff.lora_B), (fr.lora_A.grad, ff.lora_A.grad)):
             assert torch.equal(a, b)
@@ -161,7 +158,7 @@ def test_stochastic_merge_is_unbiased_and_exact_when_representable():
 def test_single_nonfinite_entry_is_caught(kind, where):
     model = _llama()
     opt = torch.optim.AdamW(models.lora_parameters(model), lr=1e-3)
-    method = parity.make_method(kind, model, warmup_steps=0).attach(opt)
+    method = optlora.make_method(kind, model, warmup_steps=0).attach(opt)
     model(**models.make_batch(TINY, 2, 8, "cpu")).loss.backward()
     victim = method.factors[3]
     t = victim.lora_A.grad if where == "lora_A.grad" else victim.lora_B.data

@@ -1,9 +1,9 @@
 """Independent float64 numpy reference of the RefLoRA / ScaLoRA formulas.
 
-Written straight from ``/work/shared/spec/ALGORITHMS.md`` (section numbers below) without
+Written straight from the two papers (theorems cited below) without
 importing optlora, so that the tests compare two independent implementations.
-Paper layout (spec 1.1): ``A`` is m x r, ``B`` is n x r, ``W = W_pt + A B^T``,
-``dA = G B``, ``dB = G^T A``. PEFT layout (spec 1.2): ``Ap`` r x in, ``Bp`` out x r,
+Paper layout: ``A`` is m x r, ``B`` is n x r, ``W = W_pt + A B^T``,
+``dA = G B``, ``dB = G^T A``. PEFT layout: ``Ap`` r x in, ``Bp`` out x r,
 ``Wp`` out x in, ``W_eff = Wp + s Bp Ap``.
 """
 
@@ -31,17 +31,17 @@ def fro2(M: np.ndarray) -> float:
     return float(np.sum(M * M))
 
 
-# --------------------------------------------------------------------------- RefLoRA (spec 2)
+# --------------------------------------------------------------------------- RefLoRA (RefLoRA Sec. 3)
 
 
 def geometric_mean(AtA: np.ndarray, BtB: np.ndarray) -> np.ndarray:
-    """``S~ = X^{-1/2} (X^{1/2} Y X^{1/2})^{1/2} X^{-1/2}`` with ``X = A^T A``, ``Y = B^T B`` (spec 2.2)."""
+    """``S~ = X^{-1/2} (X^{1/2} Y X^{1/2})^{1/2} X^{-1/2}`` with ``X = A^T A``, ``Y = B^T B`` (RefLoRA Thm 3)."""
     Xh, Xmh = spd_power(AtA, 0.5), spd_power(AtA, -0.5)
     return Xmh @ spd_power(Xh @ BtB @ Xh, 0.5) @ Xmh
 
 
 def reflora_g(S: np.ndarray, AtA: np.ndarray, BtB: np.ndarray) -> float:
-    """``g(S) = tr(S A^T A) + tr(S^{-1} B^T B)`` (spec 2.2)."""
+    """``g(S) = tr(S A^T A) + tr(S^{-1} B^T B)`` (RefLoRA Thm 3)."""
     return float(np.trace(S @ AtA) + np.trace(np.linalg.solve(S, BtB)))
 
 
@@ -57,7 +57,7 @@ def kappa_pm(N: float, c: float) -> tuple[float, float]:
 
 
 def reflora_s_scale(A: np.ndarray, B: np.ndarray) -> float:
-    """RefLoRA-S ``s* = ||B||_F / ||A||_F`` (spec 3.1, case 1)."""
+    """RefLoRA-S ``s* = ||B||_F / ||A||_F`` (RefLoRA Thm 5, case 1)."""
     return float(np.linalg.norm(B) / np.linalg.norm(A))
 
 
@@ -72,11 +72,11 @@ def reflora_s_roots(a: float, b: float, c: float) -> tuple[float, float]:
     return (c + disc) / (2 * a), (c - disc) / (2 * a)
 
 
-# --------------------------------------------------------------------------- ScaLoRA (spec 4)
+# --------------------------------------------------------------------------- ScaLoRA (ScaLoRA Sec. 3)
 
 
 def column_system(A, B, dA, dB):
-    """``K = (S^A^T S^A) o (S^B^T S^B)``, ``lambda = [colnorm2(dB); colnorm2(dA)]`` (spec 4.5)."""
+    """``K = (S^A^T S^A) o (S^B^T S^B)``, ``lambda = [colnorm2(dB); colnorm2(dA)]`` (ScaLoRA Thm 5)."""
     SA = np.concatenate([A, dA], 1)
     SB = np.concatenate([dB, B], 1)
     K = (SA.T @ SA) * (SB.T @ SB)
@@ -85,13 +85,13 @@ def column_system(A, B, dA, dB):
 
 
 def phi(w: np.ndarray, G, A, B, c: float) -> float:
-    """ScaLoRA surrogate ``||c G - G B diag(w_B) B^T - A diag(w_A) A^T G||^2`` (spec 4.2), ``w = [a^2; b^2]``."""
+    """ScaLoRA surrogate ``||c G - G B diag(w_B) B^T - A diag(w_A) A^T G||^2`` (ScaLoRA's first-order loss bound), ``w = [a^2; b^2]``."""
     r = A.shape[1]
     return fro2(c * G - G @ (B * w[r:]) @ B.T - (A * w[:r]) @ A.T @ G)
 
 
 def column_scaling(K, lam, kappa):
-    """Column theorem: ``[alpha; beta] = sqrt(kappa v)``, ``K v = lambda``; ok iff all ``v > 0`` (spec 4.5/4.6)."""
+    """Column theorem: ``[alpha; beta] = sqrt(kappa v)``, ``K v = lambda``; ok iff all ``v > 0`` (ScaLoRA Thm 5, hybrid rule)."""
     v = np.linalg.solve(K, lam)
     r = K.shape[0] // 2
     ok = bool(np.all(v > 0))
@@ -121,7 +121,7 @@ def nnls_enumerate(K, lam, kappa):
 
 
 def scalar_quantities(A, B, dA, dB):
-    """``g_A, g_B, p_A, p_B, p_AB`` from LoRA quantities only (spec 4.4 table)."""
+    """``g_A, g_B, p_A, p_B, p_AB`` from LoRA quantities only (ScaLoRA Thm 3)."""
     return {
         "gA": fro2(dB),
         "gB": fro2(dA),
@@ -143,7 +143,7 @@ def scalar_quantities_from_G(A, B, G):
 
 
 def scalar_theorem(q, kappa):
-    """The literal three cases of the scalar theorem (spec 4.4, erratum applied). ``None`` if no case applies."""
+    """The literal three cases of the scalar theorem (ScaLoRA Thm 3; one-sided case squared, see functional.scalora_scalar_scaling). ``None`` if no case applies."""
     CA = q["pB"] * q["gA"] - q["pAB"] * q["gB"]
     CB = q["pA"] * q["gB"] - q["pAB"] * q["gA"]
     C = q["pA"] * q["pB"] - q["pAB"] ** 2
@@ -157,7 +157,7 @@ def scalar_theorem(q, kappa):
 
 
 def scalar_kkt(q, kappa):
-    """Robust scalar rule: best KKT candidate of ``q(x, y)`` over ``x, y >= 0`` (spec 4.4). Returns (x, y, value)."""
+    """Robust scalar rule: best KKT candidate of ``q(x, y)`` over ``x, y >= 0`` (ScaLoRA Thm 3). Returns (x, y, value)."""
     pA, pB, pAB, gA, gB = q["pA"], q["pB"], q["pAB"], q["gA"], q["gB"]
 
     def val(x, y):
@@ -178,7 +178,7 @@ def scalar_kkt(q, kappa):
 
 
 def hybrid(A, B, dA, dB, kappa):
-    """ScaLoRA hybrid rule (spec 4.6): column scaling iff ``v > 0``, else the scalar rule. Returns (alpha, beta, column)."""
+    """ScaLoRA hybrid rule (ScaLoRA's hybrid rule): column scaling iff ``v > 0``, else the scalar rule. Returns (alpha, beta, column)."""
     r = A.shape[1]
     K, lam = column_system(A, B, dA, dB)
     try:
@@ -195,25 +195,25 @@ def hybrid(A, B, dA, dB, kappa):
 
 
 def peft_reflora_grads(Ap, Bp, gAp, gBp):
-    """RefLoRA preconditioning in PEFT layout (spec 2.3/2.4): ``gA <- S^{-1} gA``, ``gB <- gB S``."""
+    """RefLoRA preconditioning in PEFT layout (RefLoRA Sec. 3.3): ``gA <- S^{-1} gA``, ``gB <- gB S``."""
     S = geometric_mean(Ap @ Ap.T, Bp.T @ Bp)
     return np.linalg.solve(S, gAp), gBp @ S
 
 
 def peft_merge(Wp, Ap, Bp, s, coeff, fan_in_fan_out=False):
-    """``Wp += s Bp diag(coeff) Ap`` (spec 4.8), transposed storage for ``fan_in_fan_out``."""
+    """``Wp += s Bp diag(coeff) Ap`` (ScaLoRA: scale, merge, step), transposed storage for ``fan_in_fan_out``."""
     inc = s * (Bp * coeff) @ Ap
     return Wp + (inc.T if fan_in_fan_out else inc)
 
 
 def peft_scalora_scalings(Ap, Bp, gAp, gBp, s, kappa):
-    """Spec 4.8 effective factors ``A = sqrt(s) Ap^T``, ``B = sqrt(s) Bp``, ``dA = gAp^T``, ``dB = gBp``."""
+    """Effective factors ``A = sqrt(s) Ap^T``, ``B = sqrt(s) Bp``, ``dA = gAp^T``, ``dB = gBp``."""
     rs = np.sqrt(s)
     return hybrid(rs * Ap.T, rs * Bp, gAp.T, gBp, kappa)
 
 
 def transfer(state: dict, row: np.ndarray | None = None, col: np.ndarray | None = None) -> dict:
-    """Moment transfer (spec 4.7): first moments times the scale, second moments times its square."""
+    """Moment transfer (ScaLoRA Lemmas 3.3/3.6, chain rule): first moments times the scale, second moments times its square."""
     scale = row[:, None] if row is not None else col[None, :]
     out = dict(state)
     for k, p in (("exp_avg", 1), ("momentum_buffer", 1), ("exp_avg_sq", 2), ("max_exp_avg_sq", 2)):

@@ -17,8 +17,24 @@ from __future__ import annotations
 
 import torch
 
-from .functional import RANK_TOL, reflora_preconditioner, reflora_s_scale
-from .method import LayerGroup, LoRAMethod
+from ..functional import (
+    RANK_TOL,
+    chain_rule_rescaling,
+    reflora_precondition,
+    reflora_preconditioner,
+    reflora_s_factor_scalings,
+    reflora_s_scale,
+)
+from .base import LoRAMethod
+from .guards import check_rank_tol, fits
+from .layers import LayerGroup
+
+
+def preconditioned_in_range(group: LayerGroup, grad_A: torch.Tensor, grad_B: torch.Tensor) -> torch.Tensor:
+    """Per layer: the new gradients (compute dtype) are finite and representable in the gradients' dtype."""
+    f = group.factors[0]
+    top_A, top_B = grad_A.abs().flatten(1).amax(1).double(), grad_B.abs().flatten(1).amax(1).double()
+    return fits(top_A, f.lora_A.dtype) & fits(top_B, f.lora_B.dtype)
 
 
 class RefLoRA(LoRAMethod):
@@ -60,10 +76,12 @@ class RefLoRA(LoRAMethod):
     ):
         self.scalar = bool(scalar)
         self.transfers_moments = self.scalar
+        self.reads = "sqnorms" if self.scalar else "grams"
         self.name = "reflora_s" if self.scalar else "reflora"
         super().__init__(model, warmup_steps=warmup_steps, interval=interval, **kwargs)
-        self.rank_tol = (
-            rank_tol if rank_tol is not None else (RANK_TOL if self.compute_dtype == torch.float64 else 1e-5)
+        self.rank_tol = check_rank_tol(
+            rank_tol if rank_tol is not None else (RANK_TOL if self.compute_dtype == torch.float64 else 1e-5),
+            self.compute_dtype,
         )
 
     def config(self) -> dict:
@@ -75,50 +93,42 @@ class RefLoRA(LoRAMethod):
         Batching the closed form over groups matters on CUDA: ``torch.linalg.eigh`` synchronises
         the device with the host, so one call pair per step instead of one per group shape.
         """
-        dt = self.compute_dtype
-        parts = []
-        for group in groups:
-            A, B = group.stack("A", dt), group.stack("B", dt)  # (L, r, in), (L, out, r)
-            gA, gB = group.stack("gA", dt), group.stack("gB", dt)
-            parts.append((A, B, gA, gB, self._finite(A, B, gA, gB)))
+        parts = [g.factors_and_grads(self.compute_dtype) for g in groups]
         if self.scalar:
             plans = []
-            for A, B, _, _, finite in parts:
-                s, ok = reflora_s_scale(A.square().sum((1, 2)), B.square().sum((1, 2)))
-                plans.append({"finite": finite, "ok": ok & finite, "P": s.sqrt()})
+            for g, st in zip(groups, parts):
+                s, ok = reflora_s_scale(*g.factor_sqnorms(st))
+                alpha, beta = reflora_s_factor_scalings(s, g.rank)
+                in_range = self._rescaling_in_range(g, alpha, beta, g.row_amax(st))
+                plans.append({"finite": st.finite, "ok": ok & st.finite & in_range, "in_range": in_range, "s": s})
             return plans
         refs: list = [None] * len(parts)
         buckets: dict[tuple, list[int]] = {}
-        for i, (A, *_rest) in enumerate(parts):
-            buckets.setdefault((A.shape[1], A.device), []).append(i)
+        for i, st in enumerate(parts):
+            buckets.setdefault((st.A.shape[1], st.A.device), []).append(i)
         for idx in buckets.values():
-            gram_A = torch.cat([parts[i][0] @ parts[i][0].mT for i in idx])
-            gram_B = torch.cat([parts[i][1].mT @ parts[i][1] for i in idx])
+            grams = [groups[i].factor_grams(parts[i]) for i in idx]
+            gram_A, gram_B = torch.cat([g[0] for g in grams]), torch.cat([g[1] for g in grams])
             ref = reflora_preconditioner(gram_A, gram_B, rank_tol=self.rank_tol)
-            sizes = [parts[i][0].shape[0] for i in idx]
+            sizes = [parts[i].A.shape[0] for i in idx]
             for i, S, S_inv, ok in zip(idx, ref.S.split(sizes), ref.S_inv.split(sizes), ref.ok.split(sizes)):
                 refs[i] = (S, S_inv, ok)
         plans = []
-        for (_, _, gA, gB, finite), (S, S_inv, ref_ok) in zip(parts, refs):
-            ok = ref_ok & finite
-            keep = ok[:, None, None]
-            # PEFT layout: lora_A.grad = (dA S^{-1})^T = S^{-1} lora_A.grad ; lora_B.grad = dB S.
-            # Skipped layers keep their gradient as is (even an identity product turns 0 * Inf into NaN).
-            plans.append(
-                {
-                    "finite": finite,
-                    "ok": ok,
-                    "gA": torch.where(keep, S_inv @ gA, gA),
-                    "gB": torch.where(keep, gB @ S, gB),
-                }
-            )
+        for g, st, (S, S_inv, ref_ok) in zip(groups, parts, refs):
+            ok = ref_ok & st.finite
+            grad_A, grad_B = reflora_precondition(st.gA, st.gB, S, S_inv, ok)
+            in_range = preconditioned_in_range(g, grad_A, grad_B)
+            plans.append({"finite": st.finite, "ok": ok & in_range, "in_range": in_range, "gA": grad_A, "gB": grad_B})
         return plans
+
+    def _range_advice(self) -> str:
+        return "The factors' scales differ too much for the gradient's dtype; compute_dtype=torch.float64 may help."
 
     def _apply(self, group: LayerGroup, plan: dict[str, torch.Tensor]) -> None:
         if self.scalar:
-            P = torch.where(plan["ok"], plan["P"], torch.ones_like(plan["P"]))[:, None]
-            r = group.factors[0].rank
-            self._rescale_group_(group, P.expand(-1, r), (1 / P).expand(-1, r))  # A *= P, B /= P
+            # float64 scalings (exact inverses to float64 rounding) whatever the compute dtype: sqrt(s) and
+            # 1/sqrt(s) rounded separately in float32 would change float64 weights by float32 rounding
+            s = torch.where(plan["ok"], plan["s"], torch.ones_like(plan["s"])).double()
+            self._rescale_group_(group, chain_rule_rescaling(*reflora_s_factor_scalings(s, group.rank)))
             return
-        grads = [f.lora_A.grad for f in group.factors] + [f.lora_B.grad for f in group.factors]
-        torch._foreach_copy_(grads, [*plan["gA"].unbind(0), *plan["gB"].unbind(0)])
+        group.set_gradients_(plan["gA"], plan["gB"])

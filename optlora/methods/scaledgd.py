@@ -23,19 +23,11 @@ from __future__ import annotations
 
 import torch
 
-from optlora.functional import RANK_TOL
-from optlora.method import LayerGroup, LoRAMethod
-
-
-def _inverse_gram(gram: torch.Tensor, rank_tol: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched inverse of SPD r x r Grams through ``eigh``; ``ok`` False (and I returned) if rank deficient."""
-    ok = torch.isfinite(gram).flatten(1).all(1)
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device).expand_as(gram)
-    w, V = torch.linalg.eigh(torch.where(ok[:, None, None], 0.5 * (gram + gram.mT), eye))
-    ok = ok & (w[:, -1] > 0) & (w[:, 0] > rank_tol * w[:, -1])
-    w = torch.where(ok[:, None], w, torch.ones_like(w))
-    inv = (V / w[:, None, :]) @ V.mT
-    return torch.where(ok[:, None, None], inv, eye), ok
+from ..functional import RANK_TOL, scaledgd_precondition
+from .base import LoRAMethod
+from .guards import check_rank_tol
+from .layers import LayerGroup
+from .reflora import preconditioned_in_range
 
 
 class ScaledGD(LoRAMethod):
@@ -53,31 +45,22 @@ class ScaledGD(LoRAMethod):
 
     def __init__(self, model: torch.nn.Module, *, warmup_steps: int = 1, interval: int = 1, rank_tol=None, **kwargs):
         super().__init__(model, warmup_steps=warmup_steps, interval=interval, **kwargs)
-        self.rank_tol = (
-            rank_tol if rank_tol is not None else (RANK_TOL if self.compute_dtype == torch.float64 else 1e-5)
+        self.rank_tol = check_rank_tol(
+            rank_tol if rank_tol is not None else (RANK_TOL if self.compute_dtype == torch.float64 else 1e-5),
+            self.compute_dtype,
         )
 
     def _plan(self, group: LayerGroup) -> dict[str, torch.Tensor]:
-        dt = self.compute_dtype
-        A, B = group.stack("A", dt), group.stack("B", dt)  # (L, r, in), (L, out, r)
-        gA, gB = group.stack("gA", dt), group.stack("gB", dt)
-        finite = self._finite(A, B, gA, gB)
-        s = group.scalings(dt)[:, None, None]
-        inv_gram_B, ok_B = _inverse_gram(s * (B.mT @ B), self.rank_tol)  # (B_eff^T B_eff)^{-1}
-        inv_gram_A, ok_A = _inverse_gram(s * (A @ A.mT), self.rank_tol)  # (A_eff^T A_eff)^{-1}
-        ok = finite & ok_A & ok_B
-        keep = ok[:, None, None]
-        return {
-            "finite": finite,
-            "ok": ok,
-            "gA": torch.where(keep, inv_gram_B @ gA, gA),  # PEFT: (dA Gb^{-1})^T = Gb^{-1} lora_A.grad
-            "gB": torch.where(keep, gB @ inv_gram_A, gB),
-        }
+        st = group.factors_and_grads(self.compute_dtype)
+        s = group.scalings(self.compute_dtype)[:, None, None]
+        gram_A, gram_B = group.factor_grams(st)
+        # Grams of the effective factors A_eff = sqrt(s) lora_A^T, B_eff = sqrt(s) lora_B
+        grad_A, grad_B, ok = scaledgd_precondition(st.gA, st.gB, s * gram_A, s * gram_B, self.rank_tol)
+        in_range = preconditioned_in_range(group, grad_A, grad_B)
+        return {"finite": st.finite, "ok": ok & st.finite & in_range, "in_range": in_range, "gA": grad_A, "gB": grad_B}
 
     def _apply(self, group: LayerGroup, plan: dict[str, torch.Tensor]) -> None:
-        for i, f in enumerate(group.factors):
-            f.lora_A.grad.copy_(plan["gA"][i])
-            f.lora_B.grad.copy_(plan["gB"][i])
+        group.set_gradients_(plan["gA"], plan["gB"])
 
     def config(self) -> dict:
         return {**super().config(), "rank_tol": self.rank_tol}

@@ -6,10 +6,10 @@ computed twice:
 
 * *fast*: what ``optimizer.step()`` actually did (method pre-hook, batched over layers of
   the same shape, then torch's AdamW);
-* *reference*: layer by layer in numpy float64 from the spec formulas, using the
-  independent implementation in ``tests/reference.py`` (RefLoRA: geometric mean by
-  matrix square roots, spec 2.2/2.4; RefLoRA-S: spec 3.1-3.3; ScaLoRA: hybrid rule, merge
-  and moment transfer, spec 4.4-4.8) followed by a textbook AdamW step.
+* *reference*: layer by layer in numpy float64 from the papers' formulas, using the
+  independent implementation in :mod:`optlora.testing.reference` (RefLoRA: geometric mean by
+  matrix square roots, Thm 3; RefLoRA-S: Thm 5; ScaLoRA: hybrid rule of Thms 3/5, merge
+  and chain-rule moment transfer) followed by a textbook AdamW step.
 
 The relative error ``||dW_fast - dW_ref||_F / ||dW_ref||_F`` (worst layer) is reported.
 Run it in float64 to test the math of the fast path; in lower precision it measures storage
@@ -18,31 +18,11 @@ rounding as well.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import reference as ref  # noqa: E402  (tests/reference.py: numpy float64, written from the spec)
-
-import optlora  # noqa: E402
-
-
-def make_method(kind: str, model: torch.nn.Module, warmup_steps: int, **kwargs):
-    """``None`` for plain LoRA, else the optlora method ``kind``."""
-    if kind == "lora":
-        return None
-    if kind == "reflora":
-        return optlora.RefLoRA(model, warmup_steps=warmup_steps, **kwargs)
-    if kind == "reflora_s":
-        return optlora.RefLoRA(model, scalar=True, warmup_steps=warmup_steps, **kwargs)
-    if kind == "scalora":
-        return optlora.ScaLoRA(model, warmup_steps=warmup_steps, interval=1, **kwargs)
-    if kind == "scalora_i":
-        return optlora.ScaLoRA(model, warmup_steps=warmup_steps, interval=10, **kwargs)
-    raise ValueError(f"unknown method {kind!r}")
+from ..discovery import find_lora_factors
+from . import reference as ref
 
 
 def _np(t: torch.Tensor | None) -> np.ndarray | None:
@@ -86,7 +66,7 @@ def effective(layer: dict) -> np.ndarray:
 def reference_layer(kind: str, L: dict, hyper: dict, kappa: float, mode: str = "hybrid") -> np.ndarray:
     """Reference ``W_eff`` after one step of ``kind`` on layer snapshot ``L`` (out x in).
 
-    ``mode`` (ScaLoRA): ``"hybrid"`` (spec 4.6) or ``"scalar"`` (robust scalar rule, spec 4.4).
+    ``mode`` (ScaLoRA): ``"hybrid"`` (ScaLoRA's hybrid rule) or ``"scalar"`` (robust scalar rule, ScaLoRA Thm 3).
     """
     Ap, Bp, gAp, gBp, W, s = L["Ap"], L["Bp"], L["gAp"], L["gBp"], L["W"], L["s"]
     stA, stB = L["stA"], L["stB"]
@@ -125,7 +105,7 @@ def check_step(kind: str, model, method, optimizer, batch: dict) -> float:
     kappa, mode = getattr(method, "kappa", None), getattr(method, "mode", "hybrid")
     if method is not None and not method.is_due(method.steps + 1):
         raise RuntimeError(f"{kind} is not due on the next step; parity would test a plain step")
-    factors = method.factors if method is not None else optlora.find_lora_factors(model)
+    factors = method.factors if method is not None else find_lora_factors(model)
     group = optimizer.param_groups[0]
     hyper = {"lr": group["lr"], "betas": group["betas"], "eps": group["eps"], "weight_decay": group["weight_decay"]}
     hyper["amsgrad"] = bool(group.get("amsgrad", False))

@@ -1,4 +1,4 @@
-"""ScaLoRA and ScaLoRA-I on whole PEFT models against the numpy reference (spec 4.8).
+"""ScaLoRA and ScaLoRA-I on whole PEFT models against the numpy reference (ScaLoRA: scale, merge, step).
 
 One scaling step per (model, optimizer): scale with the hybrid rule, merge
 ``W += s B diag(1 - alpha beta) A``, transform gradients and moments by the chain rule,
@@ -13,7 +13,6 @@ import copy
 
 import numpy as np
 import pytest
-import reference as ref
 import torch
 from conftest import (
     MODEL_KINDS,
@@ -36,6 +35,7 @@ from torch import nn
 import optlora
 from optlora import functional as F
 from optlora import merge
+from optlora.testing import reference as ref
 
 KAPPA = 0.3
 
@@ -44,7 +44,7 @@ CASES = [(k, o) for k in MODEL_KINDS for o in OPTIMIZERS if k.startswith("mlp") 
 
 
 def scalora_reference(d, opt_name, kappa=KAPPA):
-    """Spec 4.8 for one adapter snapshot: returns new A, B, W, states and (alpha, beta, column)."""
+    """ScaLoRA's step (scale, merge, step) for one adapter snapshot: returns new A, B, W, states and (alpha, beta, column)."""
     A, B, gA, gB, s = d["A"], d["B"], d["gA"], d["gB"], d["s"]
     alpha, beta, column = ref.peft_scalora_scalings(A, B, gA, gB, s, kappa)
     W = ref.peft_merge(d["W"], A, B, s, 1 - alpha * beta, d["fifo"])
@@ -143,7 +143,7 @@ def test_accumulated_update_rank_exceeds_2r_on_full_rank_target(method_name):
     if method_name == "scalora":
         method = optlora.ScaLoRA(model, warmup_steps=0, kappa=0.5).attach(opt)
     else:
-        method = optlora.RefLoRA(model, warmup_steps=10**6)  # never applied: plain LoRA
+        method = optlora.RefLoRA(model, warmup_steps=10**6).attach(opt)  # never due: plain LoRA
     losses = []
     for _ in range(40):
         opt.zero_grad()
@@ -172,7 +172,7 @@ def test_adam_moments_equal_rescaled_gradient_history():
         forward_backward(model, loss_fn, batch)
         snap = snapshot(method)
         for name, d in snap.items():
-            if step > 3:  # the method rescales: the whole history is re-expressed (spec 4.7)
+            if step > 3:  # the method rescales: the whole history is re-expressed (ScaLoRA Lemmas 3.3/3.6, chain rule)
                 alpha, beta, _ = ref.peft_scalora_scalings(d["A"], d["B"], d["gA"], d["gB"], d["s"], KAPPA)
                 m[name] = [m[name][0] * beta[:, None], m[name][1] * alpha[None, :]]
                 v[name] = [v[name][0] * beta[:, None] ** 2, v[name][1] * alpha[None, :] ** 2]
