@@ -203,5 +203,5 @@ def build(
             options["interval"] = interval_i
         method = optlora.make_method(name, peft_model, **options)
     if method is not None:  # attached to the Trainer's optimizer by optlora.hf.callback (or loop_optimizer)
-        info["optlora"] = method.config()
+        info["optlora"] = {**method.config(), "on_nonfinite": on_nonfinite}
     return Setup(name, peft_model, method=method, info=info)
