@@ -76,11 +76,11 @@ def main(argv=None) -> int:
         "--task", default="sst2", help="classification task (falls back to gsm8k_match on the embedded sample)"
     )
     p.add_argument("--model", default=None, help="default: the packaged all-MiniLM-L6-v2")
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-len", type=int, default=64)
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps per run (default 40)")
+    p.add_argument("--batch-size", type=int, default=16, help="sentences per step (default 16)")
+    p.add_argument("--max-len", type=int, default=64, help="max tokens per sentence (default 64)")
     p.add_argument("--repeats", type=int, default=2, help="alternating rounds")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
