@@ -1,0 +1,228 @@
+"""Quantised base layers: RefLoRA / RefLoRA-S train them, ScaLoRA refuses them with advice.
+
+Two kinds of quantised base, both through PEFT's own LoRA layer classes:
+
+* a weight-only int8 layer (``Int8Linear`` below, shaped like GPTQ/AWQ ``QuantLinear``s) wrapped
+  by PEFT's ``GPTQLoraLinear`` via ``LoraConfig._register_custom_module``: runs everywhere;
+* bitsandbytes 4-bit NF4 and 8-bit layers loaded with ``BitsAndBytesConfig`` (PEFT's
+  ``bnb.Linear4bit`` / ``bnb.Linear8bitLt``): skipped where bitsandbytes cannot run.
+
+RefLoRA only reads the factors and their gradients, so on a quantised base its step must be
+the float64 reference step on those gradients, and on a 4-bit base (whose CPU forward is
+``x @ dequantise(W)^T``) training must equal training the dequantised float model.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import lm_batch, lm_loss, lora_params, mlp_batch, mlp_loss, np64, observed_step, train_steps
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora.gptq import GPTQLoraLinear
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+from torch.nn import functional as F
+
+import optlora
+from optlora.testing import models
+from optlora.testing import reference as ref
+
+LR = 0.01
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 linear layer (per-row absmax scales), no ``.weight``: like GPTQ/AWQ ``QuantLinear``."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach()
+        scales = w.abs().amax(1, keepdim=True) / 127
+        self.register_buffer("qweight", torch.round(w / scales).to(torch.int8))
+        self.register_buffer("scales", scales)
+        self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.infeatures, self.outfeatures = linear.in_features, linear.out_features
+
+    def dequantized(self) -> torch.Tensor:
+        return self.qweight.to(self.scales.dtype) * self.scales
+
+    def forward(self, x):
+        return F.linear(x, self.dequantized().to(x.dtype), self.bias.to(x.dtype))
+
+
+def int8_mlp(dtype=torch.float64):
+    """``tiny_mlp``'s layout with both linears int8-quantised, LoRA through PEFT's ``GPTQLoraLinear``."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).to(dtype)
+    base[0], base[2] = Int8Linear(base[0]), Int8Linear(base[2])
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], lora_dropout=0.0, init_lora_weights=False)
+    cfg._register_custom_module({Int8Linear: GPTQLoraLinear})
+    model = get_peft_model(base, cfg)
+    for p in lora_params(model):  # PEFT creates the factors in float32 when the base has no float weight
+        p.data = p.data.to(dtype)
+    return model
+
+
+def reflora_reference(d, scalar):
+    """(A, B) after one AdamW step of RefLoRA (Thm 3) / RefLoRA-S (Thm 5) on snapshot ``d``, in float64 numpy."""
+    A, B, gA, gB, stA, stB = d["A"], d["B"], d["gA"], d["gB"], d["stA"], d["stB"]
+    if scalar:
+        P = np.sqrt(ref.reflora_s_scale(A.T, B))
+        A, B, gA, gB = P * A, B / P, gA / P, gB * P
+        stA, stB = ref.transfer(stA, col=np.full(A.shape[1], 1 / P)), ref.transfer(stB, col=np.full(B.shape[1], P))
+    else:
+        gA, gB = ref.peft_reflora_grads(A, B, gA, gB)
+    return ref.adamw_step(A, gA, stA, lr=LR)[0], ref.adamw_step(B, gB, stB, lr=LR)[0]
+
+
+def check_one_step(model, loss_fn, batch, scalar, rtol=1e-9):
+    opt = torch.optim.AdamW(lora_params(model), lr=LR)
+    method = optlora.RefLoRA(model, scalar=scalar, warmup_steps=1).attach(opt)
+    train_steps(model, opt, loss_fn, batch, 1)  # plain warm-up step: fills AdamW's moments
+    before, after = observed_step(method, opt, model, loss_fn, batch)
+    assert method.method_steps == 1 and method.stats()["last_skipped_layers"] == []
+    for name, d in before.items():
+        A1, B1 = reflora_reference(d, scalar)
+        np.testing.assert_allclose(after[name]["A"], A1, rtol=rtol, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(after[name]["B"], B1, rtol=rtol, atol=1e-12, err_msg=name)
+    return method
+
+
+# ------------------------------------------------------------------ any quantised base PEFT wraps (no bitsandbytes)
+def test_custom_quantised_layer_is_discovered_from_its_structure():
+    model = int8_mlp()
+    fs = optlora.find_lora_factors(model)
+    assert [type(f.module) for f in fs] == [GPTQLoraLinear, GPTQLoraLinear]
+    assert [(f.rank, f.scaling) for f in fs] == [(2, 2.0), (2, 2.0)]
+
+
+@pytest.mark.parametrize("scalar", [False, True], ids=["reflora", "reflora_s"])
+def test_reflora_on_custom_quantised_base_matches_reference(scalar):
+    model = int8_mlp()
+    qweights = [m.qweight.clone() for m in model.modules() if isinstance(m, Int8Linear)]
+    check_one_step(model, mlp_loss, mlp_batch(), scalar)
+    for before, m in zip(qweights, [m for m in model.modules() if isinstance(m, Int8Linear)]):
+        assert torch.equal(m.qweight, before)  # the quantised base is never touched
+
+
+def test_scalora_refuses_custom_quantised_base_with_advice():
+    with pytest.raises(
+        ValueError, match=r"(?s)model\.0\[default\]: base layer Int8Linear has no plain.*optlora\.RefLoRA"
+    ):
+        optlora.ScaLoRA(int8_mlp())
+
+
+# ------------------------------------------------------------------ bitsandbytes 4-bit / 8-bit (PEFT's bnb layers)
+BNB = models.bnb_unavailable()
+needs_bnb = pytest.mark.skipif(BNB is not None, reason=f"bitsandbytes cannot run here: {BNB}")
+BITS = [4, 8]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny Llama saved once; every test loads it quantised (what QLoRA users do)."""
+    return tmp_path_factory.mktemp("tiny_llama")
+
+
+def quantized_peft(directory, bits, seed=0):
+    """PEFT LoRA (r=2, random B so every method acts at once) on every linear of a ``bits``-bit tiny Llama.
+
+    The LoRA factors are float64 (the base computes in float32): the method's float64 math is then
+    compared with the numpy reference at float64 precision.
+    """
+    base = models.quantized_tiny_llama(directory, bits)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False)
+    model = get_peft_model(base, cfg, autocast_adapter_dtype=False)
+    for p in lora_params(model):
+        p.data = p.data.double()
+    return model.train()
+
+
+def dequantized_twin(quant, directory):
+    """The same model on float32 copies of the dequantised 4-bit weights (``transformers``' ``dequantize()``),
+    with the same LoRA factors."""
+    twin = get_peft_model(
+        models.quantized_tiny_llama(directory, 4).dequantize(), copy.deepcopy(quant.peft_config["default"])
+    )
+    for p in lora_params(twin):
+        p.data = p.data.double()
+    set_peft_model_state_dict(twin, get_peft_model_state_dict(quant))
+    return twin.train()
+
+
+@needs_bnb
+@pytest.mark.parametrize("bits", BITS)
+def test_peft_dispatches_to_its_bnb_layers_and_discovery_finds_them(checkpoint, bits):
+    model = quantized_peft(checkpoint, bits)
+    fs = optlora.find_lora_factors(model)
+    assert len(fs) == 7
+    assert {type(f.module).__name__ for f in fs} == {"Linear4bit" if bits == 4 else "Linear8bitLt"}
+    assert {type(f.base_weight).__name__ for f in fs} == {"Params4bit" if bits == 4 else "Int8Params"}
+
+
+@needs_bnb
+@pytest.mark.parametrize("scalar", [False, True], ids=["reflora", "reflora_s"])
+@pytest.mark.parametrize("bits", BITS)
+def test_reflora_step_on_bnb_base_matches_reference(checkpoint, bits, scalar):
+    model = quantized_peft(checkpoint, bits)
+    packed = {f.name: f.base_weight.detach().clone() for f in optlora.find_lora_factors(model)}
+    method = check_one_step(model, lm_loss, lm_batch(32), scalar)
+    for f in method.factors:
+        assert torch.equal(f.base_weight, packed[f.name])  # the quantised base is never touched
+
+
+@needs_bnb
+@pytest.mark.parametrize("scalar", [False, True], ids=["reflora", "reflora_s"])
+def test_4bit_training_equals_training_the_dequantised_model(checkpoint, scalar):
+    """bitsandbytes' CPU 4-bit forward is ``x @ dequantise(W)^T``: RefLoRA on the 4-bit model follows
+    the same trajectory as RefLoRA on a float copy holding the dequantised weights."""
+    quant = quantized_peft(checkpoint, 4)
+    twin = dequantized_twin(quant, checkpoint)
+    assert all(type(m).__name__ == "Linear" for m in twin.modules() if hasattr(m, "lora_A") and len(m.lora_A))
+    ids = lm_batch(32)
+    losses = {}
+    for name, model in (("quant", quant), ("twin", twin)):
+        opt = torch.optim.AdamW(lora_params(model), lr=LR)
+        optlora.RefLoRA(model, scalar=scalar, warmup_steps=1).attach(opt)
+        losses[name] = []
+        for _ in range(4):
+            opt.zero_grad()
+            loss = lm_loss(model.train(), ids)
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())
+    np.testing.assert_allclose(losses["quant"], losses["twin"], rtol=1e-6)
+    for (n, p), (n2, p2) in zip(quant.named_parameters(), twin.named_parameters()):
+        if p.requires_grad:
+            assert n == n2
+            # float32 base kernels (bitsandbytes vs torch) round differently
+            np.testing.assert_allclose(np64(p), np64(p2), rtol=1e-5, atol=1e-6, err_msg=n)
+
+
+@needs_bnb
+@pytest.mark.parametrize("bits", BITS)
+def test_scalora_refuses_bnb_base_with_advice(checkpoint, bits):
+    kind = "Params4bit, torch.uint8" if bits == 4 else "Int8Params, torch.int8"
+    with pytest.raises(ValueError, match=rf"(?s)q_proj\[default\]: base layer .*{kind}.*optlora\.RefLoRA"):
+        optlora.ScaLoRA(quantized_peft(checkpoint, bits))
+
+
+@needs_bnb
+def test_adapter_trained_on_4bit_base_reloads_with_peft(checkpoint, tmp_path):
+    """RefLoRA leaves a standard PEFT adapter: ``save_pretrained`` / ``PeftModel.from_pretrained`` on the 4-bit base."""
+    from peft import PeftModel
+
+    model = quantized_peft(checkpoint, 4)
+    opt = torch.optim.AdamW(lora_params(model), lr=LR)
+    optlora.RefLoRA(model, warmup_steps=1).attach(opt)
+    ids = lm_batch(32)
+    train_steps(model, opt, lm_loss, ids, 3)
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(models.quantized_tiny_llama(checkpoint, 4), tmp_path / "adapter")
+    with torch.no_grad():
+        ours = model.train()(input_ids=ids).logits
+        theirs = reloaded.train()(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
