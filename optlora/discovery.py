@@ -32,9 +32,10 @@ SUPPORTED = (
 #: what to do when ScaLoRA cannot merge into a base weight (shown with the refusal)
 MERGE_ADVICE = (
     "ScaLoRA merges each step's increment into the base weight, which a quantised weight cannot hold exactly "
-    "(re-quantising rounds the increment away; see docs/QUANTIZED.md). On a quantised base use "
-    "optlora.RefLoRA (or scalar=True for RefLoRA-S): it only touches the LoRA factors; or load the base "
-    "in bfloat16 to use ScaLoRA."
+    "(re-quantising rounds the increment away; see docs/QUANTIZED.md). On a quantised base: pass "
+    "ScaLoRA(residual_rank=R) to keep the merged increments in a rank-R residual beside the quantised weight "
+    "(error reported by stats()), use optlora.RefLoRA (or scalar=True for RefLoRA-S), which only touches the "
+    "LoRA factors, or load the base in bfloat16."
 )
 #: PEFT LoRA layer classes (in ``peft.tuners.lora.layer``) that are not ``base(x) + s * B A x`` on a linear base
 _NOT_LINEAR = ("Embedding", "_ConvNd", "MultiheadAttention", "ParamWrapper")
@@ -109,6 +110,12 @@ def _unsupported_reason(module: nn.Module, adapter: str, not_linear: tuple[type,
     return None
 
 
+def quantized_base(f: LoRAFactors) -> bool:
+    """Whether ``f``'s base layer has no plain floating-point ``weight`` tensor (quantised, packed or absent)."""
+    w = getattr(f.module.get_base_layer(), "weight", None)
+    return type(w) not in (torch.Tensor, nn.Parameter) or not w.is_floating_point()
+
+
 def merge_problem(f: LoRAFactors) -> str | None:
     """Why ScaLoRA cannot merge ``B diag(c) A`` exactly into ``f``'s base weight (None: it can).
 
@@ -118,7 +125,7 @@ def merge_problem(f: LoRAFactors) -> str | None:
     """
     base = f.module.get_base_layer()
     w = getattr(base, "weight", None)
-    if type(w) not in (torch.Tensor, nn.Parameter) or not w.is_floating_point():
+    if quantized_base(f):
         kind = "none" if w is None else f"{type(w).__name__}, {w.dtype}"
         return f"base layer {type(base).__name__} has no plain floating-point weight to merge into (quantised? weight: {kind})"
     expected = (f.lora_B.shape[0], f.lora_A.shape[1])
@@ -176,14 +183,14 @@ def find_lora_factors(
 
 
 def lora_layers(model: nn.Module, adapter: str | None = None) -> list[LoRAFactors]:
-    """Every PEFT LoRA ``Linear`` adapter ``adapter`` of ``model``, trainable or not.
+    """Every PEFT LoRA adapter ``adapter`` on a linear base layer of ``model`` (quantised too), trainable or not.
 
     Unlike :func:`find_lora_factors` (what a method trains), this lists what a saved or
     exported model holds. Names are module paths inside the *base* model (no ``[adapter]``
     suffix), as PEFT's own state dicts and ``target_modules`` use them. ``adapter`` defaults
     to the model's active adapter.
     """
-    _, linear_cls, _ = _lora_classes()
+    lora_layer, _, not_linear = _lora_classes()
     if adapter is None:
         adapter = getattr(model, "active_adapter", None) or "default"
     if isinstance(adapter, (list, tuple)):
@@ -192,10 +199,10 @@ def lora_layers(model: nn.Module, adapter: str | None = None) -> list[LoRAFactor
     out = [
         LoRAFactors(path, module, adapter)
         for path, module in inner.named_modules()
-        if isinstance(module, linear_cls) and adapter in module.lora_A
+        if isinstance(module, lora_layer) and _unsupported_reason(module, adapter, not_linear) is None
     ]
     if not out:
-        raise ValueError(f"{type(model).__name__} has no PEFT LoRA Linear layer with adapter {adapter!r}")
+        raise ValueError(f"{type(model).__name__} has no PEFT LoRA layer on a linear base with adapter {adapter!r}")
     return out
 
 

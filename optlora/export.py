@@ -27,7 +27,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .discovery import LoRAFactors, is_lora_model, lora_layers
+from .discovery import LoRAFactors, is_lora_model, lora_layers, quantized_base
+from .residual import ATTR as RESIDUALS
+from .residual import attach as attach_residual
+from .residual import residuals_of
 
 STATE_FILE = "optlora_state.pt"  # same name as optlora.hf.STATE_FILE (hf is not imported here)
 _TASK_TO_AUTO = {
@@ -100,14 +103,23 @@ def svd_compress(delta: torch.Tensor, *, rank: int | None = None, tol: float | N
 
 
 # ---------------------------------------------------------------------------------------------- model access
-def _dense(f: LoRAFactors, base_weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``W_now - W_pretrained`` (out x in) of one layer: merged base drift plus the live adapter."""
+def _dense(f: LoRAFactors, base_weight: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``W_now - W_pretrained`` (out x in) of one layer: merged base drift plus the live adapter.
+
+    A quantised base weight is never written by optlora: there the drift is the low-rank residual
+    that ScaLoRA keeps beside it (:mod:`optlora.residual`, zero for RefLoRA), and ``base_weight``
+    is not read. The update is then relative to the quantised weight the model was trained on.
+    """
+    lora = f.scaling * (f.lora_B.detach().to(dtype) @ f.lora_A.detach().to(dtype))
+    res = residuals_of(f.module.get_base_layer()).get(f.adapter)
+    if quantized_base(f):
+        return lora if res is None else lora + res.dense().to(dtype)
     w_now = f.base_weight.detach().to(dtype)
     w_pt = base_weight.detach().to(device=w_now.device, dtype=dtype)
     drift = w_now - w_pt
     if f.fan_in_fan_out:
         drift = drift.T
-    return drift + f.scaling * (f.lora_B.detach().to(dtype) @ f.lora_A.detach().to(dtype))
+    return drift + lora
 
 
 @dataclass
@@ -163,7 +175,10 @@ def export_adapter(
         tol: per layer, the smallest rank with relative Frobenius error ``<= tol`` (``rank_pattern``).
         dtype: dtype of the saved factors. compute_dtype: of the difference and the SVD.
 
-    Load it with plain PEFT: ``PeftModel.from_pretrained(original_base, out_dir)``.
+    Load it with plain PEFT: ``PeftModel.from_pretrained(original_base, out_dir)``. On a quantised
+    base (QLoRA) the update of each quantised layer is relative to its quantised weight, which
+    optlora never changes: ScaLoRA's low-rank residual plus the adapter, of rank ``<= R + r``, so
+    ``rank=R + r`` (or ``tol=0``) exports it exactly; load it on the same quantised base.
     """
     import peft
     from safetensors.torch import save_file
@@ -179,7 +194,7 @@ def export_adapter(
     resid2 = total2 = 0.0
     for f in layers:
         try:
-            w_pt = base.get_submodule(f.name).weight
+            w_pt = None if quantized_base(f) else base.get_submodule(f.name).weight
         except AttributeError as exc:
             raise ValueError(
                 f"base has no module {f.name!r}: is it the same architecture as the trained model?"
@@ -237,6 +252,13 @@ def export_merged(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=Non
     """
     if not hasattr(model, "merge_and_unload"):
         raise TypeError(f"expected a PEFT model with merge_and_unload(), got {type(model).__name__}")
+    carried = [n for n, m in model.named_modules() if getattr(m, RESIDUALS, None)]
+    if carried:
+        raise ValueError(
+            f"{len(carried)} quantised layer(s) (e.g. {carried[0]}) carry ScaLoRA's low-rank residual, which a "
+            "merged quantised model cannot store (re-quantising rounds it away). Use optlora.export.export_adapter("
+            "model, base, out_dir, rank=R + r) for an exact adapter on the same quantised base."
+        )
     merged = (model if inplace else copy.deepcopy(model)).merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer is not None:
@@ -247,19 +269,27 @@ def export_merged(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=Non
 def apply_method_state(model: nn.Module, state: dict) -> int:
     """Copy ScaLoRA's merged base weights from ``method.state_dict()`` (or a saved file) into ``model``.
 
+    Low-rank residuals (ScaLoRA on quantised bases) are attached to their layers and filled.
     Matches layer names by path suffix, so the state may come from a method built on the
     ``PeftModel`` or on its base model. Returns the number of weights copied (0 for RefLoRA).
     """
     weights = state.get("base_weights", {})
     paths = {f.name: f for f in lora_layers(model)}
     done = 0
+
+    def layer(name: str, what: str) -> LoRAFactors:
+        path = name.rsplit("[", 1)[0]
+        hits = [p for p in paths if p == path or path.endswith("." + p) or p.endswith("." + path)]
+        if len(hits) != 1:
+            raise ValueError(f"cannot match the saved {what} {name!r} to one LoRA layer (matches: {hits})")
+        return paths[hits[0]]
+
     with torch.no_grad():
         for name, w in weights.items():
-            path = name.rsplit("[", 1)[0]
-            hits = [p for p in paths if p == path or path.endswith("." + p) or p.endswith("." + path)]
-            if len(hits) != 1:
-                raise ValueError(f"cannot match the saved base weight {name!r} to one LoRA layer (matches: {hits})")
-            paths[hits[0]].base_weight.copy_(w)
+            layer(name, "base weight").base_weight.copy_(w)
+            done += 1
+        for name, saved in state.get("residuals", {}).items():  # ScaLoRA on quantised bases
+            attach_residual(layer(name, "low-rank residual"), saved["left"].shape[1]).load_state_dict(saved)
             done += 1
     return done
 

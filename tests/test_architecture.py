@@ -3,7 +3,7 @@
 Floors, bottom to top:
 
 1. ``functional`` (pure math: torch only), ``cliutil`` (argparse only);
-2. the core: ``merge``, ``optimizer_state``, ``discovery``, ``distributed``, ``methods.*``;
+2. the core: ``merge``, ``optimizer_state``, ``discovery``, ``distributed``, ``residual``, ``methods.*``;
 3. integrations: ``hf``, ``export``, ``export_cli``, ``cli``, ``experiments.*``, ``testing.*``.
 
 The core never imports an integration; ``testing.reference`` never imports optlora (it is the
@@ -19,7 +19,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PKG = ROOT / "optlora"
-CORE = ("merge", "optimizer_state", "discovery", "distributed", "methods")
+CORE = ("merge", "optimizer_state", "discovery", "distributed", "residual", "methods")
 INTEGRATIONS = ("hf", "export", "export_cli", "cli", "cliutil", "experiments", "testing")
 
 

@@ -1,4 +1,4 @@
-"""Quantised base layers: RefLoRA / RefLoRA-S train them, ScaLoRA refuses them with advice.
+"""Quantised base layers: RefLoRA / RefLoRA-S train them; ScaLoRA refuses them or keeps a low-rank residual.
 
 Two kinds of quantised base, both through PEFT's own LoRA layer classes:
 
@@ -9,7 +9,9 @@ Two kinds of quantised base, both through PEFT's own LoRA layer classes:
 
 RefLoRA only reads the factors and their gradients, so on a quantised base its step must be
 the float64 reference step on those gradients, and on a 4-bit base (whose CPU forward is
-``x @ dequantise(W)^T``) training must equal training the dequantised float model.
+``x @ dequantise(W)^T``) training must equal training the dequantised float model. ScaLoRA with
+``residual_rank=R`` must equal exact ScaLoRA on the dequantised model while the merged increments
+fit in rank ``R``, and move the weight by exactly the norm it reports as dropped when they do not.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import lm_batch, lm_loss, lora_params, mlp_batch, mlp_loss, np64, observed_step, train_steps
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.gptq import GPTQLoraLinear
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 from torch.nn import functional as F
 
 import optlora
+import optlora.export
+from optlora import residual
 from optlora.testing import models
 from optlora.testing import reference as ref
 
@@ -112,6 +116,137 @@ def test_scalora_refuses_custom_quantised_base_with_advice():
         ValueError, match=r"(?s)model\.0\[default\]: base layer Int8Linear has no plain.*optlora\.RefLoRA"
     ):
         optlora.ScaLoRA(int8_mlp())
+
+
+def int8_twin(quant, dtype=torch.float64):
+    """``int8_mlp`` with float layers holding the dequantised weights, and the same LoRA factors."""
+    base = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).to(dtype)
+    with torch.no_grad():
+        for i in (0, 2):
+            q = quant.get_base_model()[i].get_base_layer()
+            base[i].weight.copy_(q.dequantized())
+            base[i].bias.copy_(q.bias)
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], lora_dropout=0.0, init_lora_weights=False)
+    twin = get_peft_model(base, cfg, autocast_adapter_dtype=False)
+    set_peft_model_state_dict(twin, get_peft_model_state_dict(quant))
+    return twin
+
+
+def effective_weights(method) -> dict[str, torch.Tensor]:
+    """``W + U V + s B A`` per adapter, out x in (``W`` dequantised, ``U V`` the residual if any)."""
+    out = {}
+    for f in method.factors:
+        base = f.module.get_base_layer()
+        W = base.dequantized() if isinstance(base, Int8Linear) else base.weight
+        res = residual.residuals_of(base).get(f.adapter)
+        out[f.name] = (W + (0 if res is None else res.dense()) + f.scaling * f.lora_B @ f.lora_A).detach().clone()
+    return out
+
+
+def run(model, method_kw, steps=4, opt_cls=torch.optim.AdamW, lr=LR):
+    opt = opt_cls(lora_params(model), lr=lr)
+    method = optlora.ScaLoRA(model, warmup_steps=1, **method_kw).attach(opt)
+    train_steps(model, opt, mlp_loss, mlp_batch(), steps)
+    return method, opt
+
+
+def test_scalora_residual_on_quantised_base_is_exact_scalora_on_the_dequantised_model():
+    quant = int8_mlp()
+    twin = int8_twin(quant)
+    mq, _ = run(quant, {"residual_rank": 5})  # 5 >= min(out, in) of both layers: every sum of increments fits
+    mt, _ = run(twin, {})
+    assert mq.method_steps == 3 and set(mq.residuals) == {f.name for f in mq.factors}
+    weights_q, weights_t = effective_weights(mq), effective_weights(mt)
+    for fq, ft in zip(mq.factors, mt.factors):
+        np.testing.assert_allclose(np64(fq.lora_A), np64(ft.lora_A), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(np64(fq.lora_B), np64(ft.lora_B), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(np64(weights_q[fq.name]), np64(weights_t[ft.name]), rtol=1e-9, atol=1e-12)
+        # the residual holds exactly what exact ScaLoRA merged into the float weight
+        drift = ft.base_weight - fq.module.get_base_layer().dequantized()
+        np.testing.assert_allclose(np64(mq.residuals[fq.name].dense()), np64(drift), rtol=1e-9, atol=1e-12)
+    assert mq.stats()["residual_dropped"] < 1e-12
+    assert all(
+        torch.equal(m.qweight, q.qweight)
+        for m, q in zip(quant.modules(), int8_mlp().modules())
+        if isinstance(m, Int8Linear)
+    )
+
+
+def test_truncation_moves_the_weight_by_exactly_the_reported_dropped_norm():
+    """With the learning rate at 0 a ScaLoRA step must not change the weight (Sec. 3.1) -- except for
+    what truncating the residual to rank R cuts off, which is what ``dropped`` adds up."""
+    model = int8_mlp()
+    method, opt = run(model, {"residual_rank": 1}, steps=3, opt_cls=torch.optim.SGD, lr=0.05)
+    opt.param_groups[0]["lr"] = 0.0
+    before, dropped = effective_weights(method), {n: r["dropped"] for n, r in method.residual_report().items()}
+    train_steps(model, opt, mlp_loss, mlp_batch(), 1)
+    after, report = effective_weights(method), method.residual_report()
+    moved = []
+    for name in before:
+        step_drop = report[name]["dropped"] - dropped[name]
+        moved.append(step_drop)
+        assert float((after[name] - before[name]).norm()) == pytest.approx(step_drop, rel=1e-8, abs=1e-14)
+    assert max(moved) > 1e-6  # the check is not vacuous: rank 1 < the increments' rank
+    assert method.stats()["residual_dropped"] == max(r["dropped"] / r["norm"] for r in report.values())
+
+
+def test_scalora_residual_state_resumes_bit_for_bit():
+    model = int8_mlp()
+    method, opt = run(model, {"residual_rank": 1}, steps=3)
+    state = method.state_dict()
+    assert state["base_weights"] == {} and set(state["residuals"]) == {f.name for f in method.factors}
+    fresh = int8_mlp()
+    set_peft_model_state_dict(fresh, get_peft_model_state_dict(model))
+    opt2 = torch.optim.AdamW(lora_params(fresh), lr=LR)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # (load_state_dict would share the moment tensors)
+    method2 = optlora.ScaLoRA(fresh, warmup_steps=1, residual_rank=1).attach(opt2)
+    method2.load_state_dict(copy.deepcopy(state))
+    train_steps(model, opt, mlp_loss, mlp_batch(), 2)
+    train_steps(fresh, opt2, mlp_loss, mlp_batch(), 2)
+    for name, w in effective_weights(method).items():
+        assert torch.equal(w, effective_weights(method2)[name])
+    with pytest.raises(ValueError, match="low-rank residuals"):
+        optlora.ScaLoRA(int8_mlp(), residual_rank=1).load_state_dict({**state, "residuals": {}})
+    with pytest.raises(ValueError, match="already carries a residual of rank 1"):
+        optlora.ScaLoRA(model, residual_rank=2)  # the model's residual holds merged increments: same rank only
+
+
+def test_saved_residuals_reload_into_a_fresh_model_and_merged_export_refuses_them(tmp_path):
+    model = int8_mlp()
+    method, _ = run(model, {"residual_rank": 1}, steps=3)
+    fresh = int8_mlp()
+    set_peft_model_state_dict(fresh, get_peft_model_state_dict(model))
+    x = mlp_batch()[0]
+    assert not torch.allclose(fresh(x), model(x))
+    assert optlora.export.apply_method_state(fresh, method.state_dict()) == 2
+    torch.testing.assert_close(fresh(x), model(x), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="carry ScaLoRA's low-rank residual.*export_adapter"):
+        optlora.export.export_merged(model, tmp_path / "merged")
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "4"])
+def test_bad_residual_rank(bad):
+    with pytest.raises(ValueError, match="residual_rank"):
+        optlora.ScaLoRA(int8_mlp(), residual_rank=bad)
+
+
+def test_residual_rank_leaves_float_layers_to_the_exact_merge():
+    model = tiny_mlp_with_one_int8_layer()
+    method = optlora.ScaLoRA(model, residual_rank=2)
+    assert list(method.residuals) == ["base_model.model.2[default]"]
+    assert list(method.state_dict()["base_weights"]) == ["base_model.model.0[default]"]
+
+
+def tiny_mlp_with_one_int8_layer():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    base[2] = Int8Linear(base[2])
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], lora_dropout=0.0, init_lora_weights=False)
+    cfg._register_custom_module({Int8Linear: GPTQLoraLinear})
+    model = get_peft_model(base, cfg)
+    for p in lora_params(model):
+        p.data = p.data.double()
+    return model
 
 
 # ------------------------------------------------------------------ bitsandbytes 4-bit / 8-bit (PEFT's bnb layers)
@@ -226,3 +361,41 @@ def test_adapter_trained_on_4bit_base_reloads_with_peft(checkpoint, tmp_path):
         ours = model.train()(input_ids=ids).logits
         theirs = reloaded.train()(input_ids=ids).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
+
+
+@needs_bnb
+def test_scalora_residual_on_4bit_equals_exact_scalora_on_the_dequantised_model(checkpoint):
+    quant = quantized_peft(checkpoint, 4)
+    twin = dequantized_twin(quant, checkpoint)
+    ids = lm_batch(32)
+    methods = {}
+    for name, model, kw in (("quant", quant, {"residual_rank": 8}), ("twin", twin, {})):
+        opt = torch.optim.AdamW(lora_params(model), lr=LR)
+        methods[name] = optlora.ScaLoRA(model, warmup_steps=1, **kw).attach(opt)
+        train_steps(model, opt, lm_loss, ids, 4)  # 3 merges of rank 2 <= 8: nothing is dropped
+    from peft.utils.integrations import dequantize_module_weight
+
+    for fq, ft in zip(methods["quant"].factors, methods["twin"].factors):
+        w4 = dequantize_module_weight(fq.module.get_base_layer()).double()
+        drift = ft.base_weight.double() - w4
+        res = methods["quant"].residuals[fq.name].dense().double()
+        assert float((res - drift).norm() / drift.norm()) < 1e-5, fq.name  # float32 storage and kernels
+        np.testing.assert_allclose(np64(fq.lora_A), np64(ft.lora_A), rtol=1e-5, atol=1e-6)
+    assert methods["quant"].stats()["residual_dropped"] < 1e-6
+
+
+@needs_bnb
+def test_adapter_exported_from_a_4bit_scalora_run_reloads_exactly_with_peft(checkpoint, tmp_path):
+    """The residual plus the adapter (rank <= R + r) is written as one standard PEFT adapter for the 4-bit base."""
+    model = quantized_peft(checkpoint, 4)
+    opt = torch.optim.AdamW(lora_params(model), lr=LR)
+    optlora.ScaLoRA(model, warmup_steps=1, residual_rank=3).attach(opt)
+    ids = lm_batch(32)
+    train_steps(model, opt, lm_loss, ids, 4)
+    report = optlora.export.export_adapter(model, models.quantized_tiny_llama(checkpoint, 4), tmp_path, rank=5)
+    assert report.rel_error < 1e-6 and max(v["rank"] for v in report.layers.values()) == 5
+    reloaded = PeftModel.from_pretrained(models.quantized_tiny_llama(checkpoint, 4), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded.train()(input_ids=ids).logits, model.train()(input_ids=ids).logits, rtol=1e-5, atol=1e-5
+        )

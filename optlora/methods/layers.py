@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from .. import merge
+from .. import merge, residual
 from ..discovery import LoRAFactors
 from ..functional import Rescaling
 from ..optimizer_state import moment_tensors
@@ -187,9 +187,18 @@ class LayerGroup:
         mode: str,
         buffers: dict[str, torch.Tensor],
         generator,
+        residuals: dict[str, residual.LowRankResidual] | None = None,
+        compute_dtype: torch.dtype = torch.float64,
     ) -> None:
-        """``W_l += s_l lora_B_l diag(coeff_l) lora_A_l`` into every adapter's base weight (ScaLoRA Sec. 3.1)."""
+        """``W_l += s_l lora_B_l diag(coeff_l) lora_A_l`` into every adapter's base weight (ScaLoRA Sec. 3.1).
+
+        Adapters listed in ``residuals`` (quantised bases) add the increment to their low-rank
+        residual instead (:func:`optlora.residual.fold_`, batched over those adapters).
+        """
+        folded = [i for i, f in enumerate(self.factors) if residuals and f.name in residuals]
         for i, f in enumerate(self.factors):
+            if folded and i in folded:
+                continue
             w = f.base_weight
             merge.merge_low_rank_(
                 w.data,
@@ -202,6 +211,12 @@ class LayerGroup:
                 buffer=buffers.get(f.name),
                 generator=generator(w.device),
             )
+        if folded:
+            fs = [self.factors[i] for i in folded]
+            scale = self.scalings(coeff.dtype)[folded][:, None] * coeff[folded]  # (L', r): s_l * coeff_l
+            left = torch.stack([f.lora_B.detach() for f in fs]).to(coeff.dtype) * scale[:, None, :]
+            right = torch.stack([f.lora_A.detach() for f in fs])
+            residual.fold_([residuals[f.name] for f in fs], left, right, compute_dtype)
 
 
 def group_factors(factors: list[LoRAFactors]) -> list[LayerGroup]:

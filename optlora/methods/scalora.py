@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import merge
+from .. import merge, residual
+from ..discovery import merge_problem, quantized_base
 from ..functional import chain_rule_rescaling, scalora_merge_coefficient, scalora_scalings
 from .base import LoRAMethod
 from .layers import LayerGroup
@@ -52,6 +53,11 @@ class ScaLoRA(LoRAMethod):
             (extra buffer per weight) or ``"fp32"`` (float32 master copy). See
             :mod:`optlora.merge`. Float32/64 weights always merge exactly.
         seed: seed of the stochastic-rounding generator (identical on every DDP rank).
+        residual_rank: for layers whose base weight is quantised (bitsandbytes 4/8-bit, GPTQ, ...)
+            and cannot absorb a merge exactly: keep their merged increments in a rank-``R``
+            low-rank residual beside the base layer (:mod:`optlora.residual`), truncated by SVD
+            after each merge, with the dropped norm reported by ``stats()``. ``None`` (default)
+            refuses quantised bases. Plain floating-point bases always merge exactly.
         on_nonfinite, skip_unsupported, compute_dtype: as in :class:`optlora.RefLoRA`.
     """
 
@@ -69,6 +75,7 @@ class ScaLoRA(LoRAMethod):
         mode: str = "hybrid",
         merge_precision: str = "auto",
         seed: int = 0,
+        residual_rank: int | None = None,
         **kwargs,
     ):
         if not (isinstance(kappa, (int, float)) and kappa > 0 and kappa == kappa and kappa != float("inf")):
@@ -76,7 +83,16 @@ class ScaLoRA(LoRAMethod):
         if mode not in ("hybrid", "column", "scalar"):
             raise ValueError(f"mode must be 'hybrid', 'column' or 'scalar', got {mode!r}")
         merge.resolve_mode(merge_precision, torch.float32)  # validates the name
+        if residual_rank is not None and (type(residual_rank) is not int or residual_rank < 1):
+            raise ValueError(f"residual_rank must be None or an int >= 1, got {residual_rank!r}")
+        if residual_rank is not None:
+            self.merges = False  # let discovery accept quantised bases; every layer is checked below
         super().__init__(model, warmup_steps=warmup_steps, interval=interval, **kwargs)
+        self.residual_rank = residual_rank
+        self.residuals: dict[str, residual.LowRankResidual] = {}  # adapter name -> its residual (quantised bases)
+        if residual_rank is not None:
+            del self.merges  # ScaLoRA merges: into the base weight, or into the residual
+            self._attach_residuals(residual_rank)
         self.name = "scalora" if interval == 1 else "scalora_i"
         self.kappa = float(kappa)
         self.mode = mode
@@ -85,6 +101,8 @@ class ScaLoRA(LoRAMethod):
         self.buffers: dict[str, torch.Tensor] = {}
         shared: dict[int, torch.Tensor | None] = {}  # adapters of one layer merge into one weight: one buffer
         for f in self.factors:
+            if f.name in self.residuals:
+                continue
             key = id(f.base_weight)
             if key not in shared:
                 shared[key] = merge.new_buffer(f.base_weight, merge_precision)
@@ -92,8 +110,20 @@ class ScaLoRA(LoRAMethod):
                 self.buffers[f.name] = shared[key]
         self._generators: dict[torch.device, torch.Generator] = {}
 
+    def _attach_residuals(self, rank: int) -> None:
+        """A residual for every adapter on a quantised base; any other layer must take an exact merge."""
+        problems = [f"{f.name}: {why}" for f in self.factors if not quantized_base(f) and (why := merge_problem(f))]
+        if problems:
+            raise ValueError("ScaLoRA cannot merge into these LoRA layers:\n  " + "\n  ".join(problems))
+        for f in self.factors:
+            if quantized_base(f):
+                self.residuals[f.name] = residual.attach(f, rank)
+
     def config(self) -> dict:
-        return {**super().config(), "kappa": self.kappa, "mode": self.mode, "merge_precision": self.merge_precision}
+        out = {**super().config(), "kappa": self.kappa, "mode": self.mode, "merge_precision": self.merge_precision}
+        if self.residual_rank is not None:
+            out["residual_rank"] = self.residual_rank
+        return out
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -127,7 +157,14 @@ class ScaLoRA(LoRAMethod):
         # float32 at least: rounding 1 - alpha*beta to bf16 would change the model's function at the merge
         work = torch.promote_types(group.factors[0].lora_B.dtype, torch.float32)
         coeff = scalora_merge_coefficient(alpha, beta).to(work)
-        group.merge_(coeff, mode=self.merge_precision, buffers=self.buffers, generator=self._generator)
+        group.merge_(
+            coeff,
+            mode=self.merge_precision,
+            buffers=self.buffers,
+            generator=self._generator,
+            residuals=self.residuals,
+            compute_dtype=self.compute_dtype,
+        )
         self._rescale_group_(group, chain_rule_rescaling(alpha, beta))
 
     # ------------------------------------------------------------------ state
@@ -136,20 +173,31 @@ class ScaLoRA(LoRAMethod):
 
         The base weights are not part of a PEFT adapter checkpoint, so they are saved here.
         """
-        return {
+        out = {
             **super().state_dict(),
-            "base_weights": {f.name: f.base_weight.detach() for f in self.factors},
+            "base_weights": {f.name: f.base_weight.detach() for f in self.factors if f.name not in self.residuals},
             "buffers": dict(self.buffers),
             "rng": {str(d): g.get_state() for d, g in self._generators.items()},
         }
+        if self.residuals:  # quantised bases are never written: their merged increments live here
+            out["residuals"] = {name: r.state_dict() for name, r in self.residuals.items()}
+        return out
 
     def load_state_dict(self, state: dict) -> None:
-        names = {f.name for f in self.factors}
+        names = {f.name for f in self.factors if f.name not in self.residuals}
         if set(state["base_weights"]) != names:
             raise ValueError("state_dict's merged base weights do not match this model's LoRA layers")
+        if set(state.get("residuals", {})) != set(self.residuals):
+            raise ValueError(
+                f"state_dict's low-rank residuals ({sorted(state.get('residuals', {}))}) do not match this model's "
+                f"quantised LoRA layers ({sorted(self.residuals)})"
+            )
         super().load_state_dict(state)
         with torch.no_grad():
             for f in self.factors:
+                if f.name in self.residuals:
+                    self.residuals[f.name].load_state_dict(state["residuals"][f.name])
+                    continue
                 f.base_weight.copy_(state["base_weights"][f.name])
                 if f.name in self.buffers:
                     self.buffers[f.name].copy_(state["buffers"][f.name])
@@ -162,4 +210,13 @@ class ScaLoRA(LoRAMethod):
         if self._last:
             col = self._last["column"]
             out["column_fraction"] = float(col.sum()) / max(1, col.numel())
+        if self.residuals:
+            report = self.residual_report()
+            out["residual_rank"] = self.residual_rank
+            out["residual_dropped"] = max(r["dropped"] / r["norm"] if r["norm"] > 0 else 0.0 for r in report.values())
         return out
+
+    def residual_report(self) -> dict[str, dict[str, float]]:
+        """Per quantised layer: ``norm`` = ``||U V||_F`` (the merged increments kept) and ``dropped`` = the
+        summed Frobenius norm truncation has cut off (the weight is within ``dropped`` of exact ScaLoRA's)."""
+        return {n: {"norm": float(r.norm), "dropped": float(r.dropped)} for n, r in self.residuals.items()}
