@@ -30,6 +30,7 @@ __all__ = [
     "Scalings",
     "LowRank",
     "chain_rule_rescaling",
+    "low_rank_sqnorm",
     "geometric_mean",
     "inverse_gram",
     "reflora_bound_minimizers",
@@ -472,3 +473,8 @@ def truncate_low_rank(left: torch.Tensor, right: torch.Tensor, rank: int) -> Low
         )
     s2 = S.square()
     return LowRank(new_left, new_right, s2[..., :k].sum(-1), s2[..., k:].sum(-1))
+
+
+def low_rank_sqnorm(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``||left @ right||_F^2 = sum((left^T left) o (right right^T))`` without forming the product (``(...,)``)."""
+    return ((left.mT @ left) * (right @ right.mT)).sum((-2, -1))

@@ -13,7 +13,9 @@ truncates the sum back to rank ``R`` (:func:`optlora.functional.truncate_low_ran
 the merged increments span at most ``R`` dimensions this is exact up to float rounding; after
 that each truncation drops the smallest singular directions, and their Frobenius norm is
 added to :attr:`LowRankResidual.dropped`: the weight then differs from exact ScaLoRA's by at
-most ``dropped`` (triangle inequality over the merges), reported by ``method.stats()``.
+most ``dropped`` (triangle inequality over the merges). :attr:`LowRankResidual.merged` adds up
+the norms of the merged increments; ``method.stats()["residual_dropped"]`` reports the largest
+``dropped / merged`` over layers (0: exact; dequantise-merge-requantise would be about 1).
 
 The residual is applied by a forward hook on the base layer, so it belongs to the model (it
 stays with it after the method is gone; a second method built on the model adopts it, and
@@ -28,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .discovery import LoRAFactors
-from .functional import truncate_low_rank
+from .functional import low_rank_sqnorm, truncate_low_rank
 
 #: attribute of a base layer holding ``{adapter: LowRankResidual}``
 ATTR = "optlora_residuals"
@@ -40,6 +42,7 @@ class LowRankResidual:
     Attributes:
         left: ``U``, out x R.  right: ``V``, R x in.
         dropped: sum over merges of the Frobenius norm cut off by truncation (float64 scalar tensor).
+        merged: sum over merges of the Frobenius norm of the merged increment (float64 scalar tensor).
         norm: ``||U V||_F`` after the last merge (float64 scalar tensor).
     """
 
@@ -50,6 +53,7 @@ class LowRankResidual:
         self.left = torch.zeros(out_features, rank, dtype=dtype, device=device)
         self.right = torch.zeros(rank, in_features, dtype=dtype, device=device)
         self.dropped = torch.zeros((), dtype=torch.float64, device=device)
+        self.merged = torch.zeros((), dtype=torch.float64, device=device)
         self.norm = torch.zeros((), dtype=torch.float64, device=device)
         self.active = False  # all zeros until the first merge: the hook then costs nothing
         self.handle = None
@@ -75,7 +79,7 @@ class LowRankResidual:
         return output + y.to(output.dtype)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"left": self.left, "right": self.right, "dropped": self.dropped}
+        return {"left": self.left, "right": self.right, "dropped": self.dropped, "merged": self.merged}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("left", "right"):
@@ -87,6 +91,7 @@ class LowRankResidual:
             self.left.copy_(state["left"])
             self.right.copy_(state["right"])
             self.dropped.copy_(state["dropped"])
+            self.merged.copy_(state["merged"])
             self.norm.copy_(torch.linalg.matrix_norm(self.dense().double()))
         self.active = bool(self.norm > 0)
 
@@ -127,14 +132,15 @@ def fold_(
     """
     U = torch.stack([r.left for r in residuals]).to(compute_dtype)
     V = torch.stack([r.right for r in residuals]).to(compute_dtype)
-    low = truncate_low_rank(
-        torch.cat([U, left.to(compute_dtype)], -1), torch.cat([V, right.to(compute_dtype)], -2), residuals[0].rank
-    )
+    left, right = left.to(compute_dtype), right.to(compute_dtype)
+    low = truncate_low_rank(torch.cat([U, left], -1), torch.cat([V, right], -2), residuals[0].rank)
+    merged = low_rank_sqnorm(left, right).clamp_min(0).to(torch.float64).sqrt()
     torch._foreach_copy_([r.left for r in residuals], list(low.left.unbind(0)))
     torch._foreach_copy_([r.right for r in residuals], list(low.right.unbind(0)))
     dropped = low.dropped_sq.to(torch.float64).sqrt()
     kept = low.kept_sq.to(torch.float64).sqrt()
     torch._foreach_add_([r.dropped for r in residuals], list(dropped.unbind(0)))
+    torch._foreach_add_([r.merged for r in residuals], list(merged.unbind(0)))
     torch._foreach_copy_([r.norm for r in residuals], list(kept.unbind(0)))
     for r in residuals:
         r.active = True

@@ -46,19 +46,21 @@ def test_residual_is_added_to_the_base_layer_output_after_the_first_fold():
         torch.testing.assert_close(f.module(x), x @ (base.weight + delta).T + base.bias)
 
 
-def test_fold_truncates_to_the_best_rank_r_and_accumulates_the_dropped_norm():
+def test_fold_truncates_to_the_best_rank_r_and_accumulates_the_dropped_and_merged_norms():
     model = tiny_mlp()
     res = residual.attach(_first(model), 2)
     rng = np.random.default_rng(0)
-    expected_dropped = 0.0
+    expected_dropped = expected_merged = 0.0
     for _ in range(3):
         before = res.dense().double().numpy()
         left, right = rng.standard_normal((1, 5, 2)), rng.standard_normal((1, 2, 6))
         residual.fold_([res], torch.tensor(left), torch.tensor(right), torch.float64)
         best, dropped = ref.best_rank_k(before + left[0] @ right[0], 2)
         expected_dropped += dropped
+        expected_merged += np.linalg.norm(left[0] @ right[0])
         np.testing.assert_allclose(res.dense().double().numpy(), best, rtol=1e-5, atol=1e-6)
         assert res.dropped.item() == pytest.approx(expected_dropped, rel=1e-5)
+        assert res.merged.item() == pytest.approx(expected_merged, rel=1e-9)
         assert res.norm.item() == pytest.approx(np.linalg.norm(best), rel=1e-5)
     assert expected_dropped > 0
 

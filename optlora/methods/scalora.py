@@ -56,7 +56,8 @@ class ScaLoRA(LoRAMethod):
         residual_rank: for layers whose base weight is quantised (bitsandbytes 4/8-bit, GPTQ, ...)
             and cannot absorb a merge exactly: keep their merged increments in a rank-``R``
             low-rank residual beside the base layer (:mod:`optlora.residual`), truncated by SVD
-            after each merge, with the dropped norm reported by ``stats()``. ``None`` (default)
+            after each merge; ``stats()["residual_dropped"]`` reports the largest share of the merged
+            increments' norm that truncation cut off (over layers). ``None`` (default)
             refuses quantised bases. Plain floating-point bases always merge exactly.
         on_nonfinite, skip_unsupported, compute_dtype: as in :class:`optlora.RefLoRA`.
     """
@@ -213,10 +214,15 @@ class ScaLoRA(LoRAMethod):
         if self.residuals:
             report = self.residual_report()
             out["residual_rank"] = self.residual_rank
-            out["residual_dropped"] = max(r["dropped"] / r["norm"] if r["norm"] > 0 else 0.0 for r in report.values())
+            out["residual_dropped"] = max(
+                r["dropped"] / r["merged"] if r["merged"] > 0 else 0.0 for r in report.values()
+            )
         return out
 
     def residual_report(self) -> dict[str, dict[str, float]]:
-        """Per quantised layer: ``norm`` = ``||U V||_F`` (the merged increments kept) and ``dropped`` = the
-        summed Frobenius norm truncation has cut off (the weight is within ``dropped`` of exact ScaLoRA's)."""
-        return {n: {"norm": float(r.norm), "dropped": float(r.dropped)} for n, r in self.residuals.items()}
+        """Per quantised layer: ``merged`` = summed Frobenius norm of the merged increments, ``dropped`` = summed
+        norm truncation has cut off (the weight is within ``dropped`` of exact ScaLoRA's), ``norm`` = ``||U V||_F``."""
+        return {
+            n: {"merged": float(r.merged), "dropped": float(r.dropped), "norm": float(r.norm)}
+            for n, r in self.residuals.items()
+        }
