@@ -197,7 +197,7 @@ class LayerGroup:
         """
         folded = [i for i, f in enumerate(self.factors) if residuals and f.name in residuals]
         for i, f in enumerate(self.factors):
-            if folded and i in folded:
+            if residuals and f.name in residuals:
                 continue
             w = f.base_weight
             merge.merge_low_rank_(

@@ -222,7 +222,9 @@ class ScaLoRA(LoRAMethod):
     def residual_report(self) -> dict[str, dict[str, float]]:
         """Per quantised layer: ``merged`` = summed Frobenius norm of the merged increments, ``dropped`` = summed
         norm truncation has cut off (the weight is within ``dropped`` of exact ScaLoRA's), ``norm`` = ``||U V||_F``."""
-        return {
-            n: {"merged": float(r.merged), "dropped": float(r.dropped), "norm": float(r.norm)}
-            for n, r in self.residuals.items()
-        }
+        if not self.residuals:
+            return {}
+        dev = next(iter(self.residuals.values())).merged.device  # (a model split over devices: gather on one)
+        rows = torch.stack([torch.stack([r.merged, r.dropped, r.norm]).to(dev) for r in self.residuals.values()])
+        keys = ("merged", "dropped", "norm")
+        return {n: dict(zip(keys, row)) for n, row in zip(self.residuals, rows.cpu().tolist())}  # one sync
