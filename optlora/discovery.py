@@ -135,8 +135,51 @@ def merge_problem(f: LoRAFactors) -> str | None:
     return None
 
 
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """``[start, end)`` of the bytes ``t`` can touch in its storage."""
+    size = t.element_size()
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else -1
+    return t.storage_offset() * size, (t.storage_offset() + last + 1) * size
+
+
+def shared_base_weights(model: nn.Module, factors: list[LoRAFactors]) -> dict[str, list[str]]:
+    """Adapters whose base weight shares memory with a tensor of another module, and who shares it.
+
+    Tied weights (``tie_word_embeddings``: ``lm_head.weight is embed_tokens.weight``) or one
+    ``nn.Linear`` registered under two names: merging into such a weight (ScaLoRA) also changes
+    the other module. Adapters of the same LoRA layer share their base weight legitimately.
+    """
+    owners: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
+    paths: dict[int, list[str]] = {}  # a module reused under several names (shared layers) has several paths
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(mod_name)
+        for kind in (module.named_parameters(recurse=False), module.named_buffers(recurse=False)):
+            for name, t in kind:
+                if t is None or t.device.type == "meta" or t.untyped_storage().nbytes() == 0:
+                    continue
+                key = (t.device, t.untyped_storage().data_ptr())
+                owners.setdefault(key, []).append((f"{mod_name}.{name}" if mod_name else name, t))
+    out: dict[str, list[str]] = {}
+    for f in factors:
+        w = f.base_weight
+        if w.device.type == "meta":
+            continue
+        own = [f"{p}." if p else "" for p in paths.get(id(f.module), [])]
+        lo, hi = _byte_range(w)
+        others = []
+        for name, t in owners.get((w.device, w.untyped_storage().data_ptr()), []):
+            a, b = _byte_range(t)
+            # this LoRA layer's own base layer (through ``base_layer``, possibly nested) is not a share
+            mine = any(name.startswith(o) and set(name[len(o) :].split(".")[:-1]) <= {"base_layer"} for o in own)
+            if a < hi and lo < b and not mine:
+                others.append(name)
+        if others:
+            out[f.name] = others
+    return out
+
+
 def find_lora_factors(
-    model: nn.Module, *, mergeable: bool = False, skip_unsupported: bool = False
+    model: nn.Module, *, mergeable: bool = False, skip_unsupported: bool = False, quantized_ok: bool = False
 ) -> list[LoRAFactors]:
     """All trainable LoRA adapters of ``model``, checked for support.
 
@@ -144,6 +187,8 @@ def find_lora_factors(
         model: a ``PeftModel`` or any module containing PEFT LoRA layers.
         mergeable: also require a base weight that can absorb ``B @ A`` (ScaLoRA).
         skip_unsupported: warn about and leave out unsupported adapters instead of raising.
+        quantized_ok: with ``mergeable``, accept quantised bases (:func:`quantized_base`): the method
+            keeps their merges elsewhere (ScaLoRA's ``residual_rank``) and never writes them.
 
     Raises:
         ValueError: no trainable LoRA adapter, or an unsupported one (naming the layer).
@@ -160,13 +205,21 @@ def find_lora_factors(
             f = LoRAFactors(name, module, adapter)
             if reason is None and not (f.lora_A.requires_grad and f.lora_B.requires_grad):
                 continue  # a frozen adapter: not being trained, nothing to do
-            if reason is None and mergeable:
+            if reason is None and mergeable and not (quantized_ok and quantized_base(f)):
                 reason = merge_problem(f)
                 cannot_merge = cannot_merge or reason is not None
             if reason is None:
                 found.append(f)
             else:
                 problems.append(f"{name}: {reason}")
+    if mergeable:  # a quantised weight is never written: sharing it is harmless
+        for name, others in shared_base_weights(model, [f for f in found if not quantized_base(f)]).items():
+            found = [f for f in found if f.name != name]
+            problems.append(
+                f"{name}: its base weight is shared with {', '.join(others[:3])} (tied weights, e.g. "
+                "tie_word_embeddings=True): merging into it would also change that module. Untie the weights, "
+                "leave this layer out of target_modules, or use RefLoRA (it never modifies base weights)"
+            )
     if problems:
         msg = f"unsupported LoRA layer(s); optlora supports {SUPPORTED}:\n  " + "\n  ".join(problems)
         if cannot_merge:

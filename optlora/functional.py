@@ -40,6 +40,7 @@ __all__ = [
     "reflora_s_scale",
     "scaledgd_precondition",
     "scalora_merge_coefficient",
+    "scalora_merge_growth",
     "scalora_column_scaling",
     "scalora_column_system",
     "scalora_scalar_quantities",
@@ -65,12 +66,23 @@ def _finite(*tensors: torch.Tensor, dims: int) -> torch.Tensor:
     return out
 
 
-def _safe_eigh(M: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``eigh`` that never sees NaN/Inf: rows with ``ok == False`` are replaced by I."""
+def _safe_eigh(M: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``eigh`` of symmetric PSD ``M`` that never sees NaN/Inf or an extreme scale; returns ``(w, V, ok)``.
+
+    ``M`` is divided by its largest diagonal entry (the largest entry of a PSD matrix) before the
+    decomposition and ``w`` multiplied back, so that float32 inputs near the ends of the float range
+    cannot overflow inside LAPACK/cuSOLVER (which raises ``torch._C._LinAlgError``). Rows with
+    ``ok == False``, or whose symmetrised/normalised matrix is not finite, are replaced by I and
+    reported in the returned ``ok``.
+    """
     eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device).expand_as(M)
-    M = torch.where(ok[..., None, None], _sym(M), eye)
-    w, V = torch.linalg.eigh(M)
-    return w.clamp_min(0.0), V
+    scale = M.diagonal(dim1=-2, dim2=-1).amax(-1)
+    ok = ok & torch.isfinite(scale) & (scale > 0)
+    scale = torch.where(ok, scale, torch.ones_like(scale))
+    M = _sym(M / scale[..., None, None])  # entries in [-1, 1]: M + M^T cannot overflow
+    ok = ok & _finite(M, dims=2)
+    w, V = torch.linalg.eigh(torch.where(ok[..., None, None], M, eye))
+    return w.clamp_min(0.0) * scale[..., None], V, ok
 
 
 # --------------------------------------------------------------------------- RefLoRA
@@ -114,22 +126,32 @@ def reflora_preconditioner(gram_A: torch.Tensor, gram_B: torch.Tensor, rank_tol:
         :class:`Refactor`; where ``ok`` is False, ``S`` and ``S_inv`` are the identity,
         i.e. the plain LoRA step.
     """
+    # Scale covariance: (a X)^{-1} # (b Y) = sqrt(b / a) (X^{-1} # Y). The Grams are normalised to a
+    # largest diagonal entry of 1 first, so that no intermediate (e.g. M^T M ~ ||A||^2 ||B||^2) can
+    # overflow in float32; the scale is put back at the end, where a non-finite result is reported.
     ok = _finite(gram_A, gram_B, dims=2)
-    sA2, VA = _safe_eigh(gram_A, ok)
+    one = torch.ones_like(gram_A[..., 0, 0])
+    a, b = gram_A.diagonal(dim1=-2, dim2=-1).amax(-1), gram_B.diagonal(dim1=-2, dim2=-1).amax(-1)
+    ok = ok & (a > 0) & (b > 0)
+    a, b = torch.where(ok, a, one), torch.where(ok, b, one)
+    gram_A, gram_B = gram_A / a[..., None, None], gram_B / b[..., None, None]
+    sA2, VA, ok = _safe_eigh(gram_A, ok)
     ok = ok & (sA2[..., 0] > rank_tol * sA2[..., -1]) & (sA2[..., -1] > 0)
     sA = torch.where(ok[..., None], sA2, torch.ones_like(sA2)).sqrt()
     VAsA = VA * sA[..., None, :]
-    sM2, VM = _safe_eigh(VAsA.mT @ gram_B @ VAsA, ok)
+    sM2, VM, ok = _safe_eigh(VAsA.mT @ gram_B @ VAsA, ok)
     ok = ok & (sM2[..., 0] > rank_tol * sM2[..., -1]) & (sM2[..., -1] > 0)
     sM = torch.where(ok[..., None], sM2, torch.ones_like(sM2)).sqrt()
     L = (VA / sA[..., None, :]) @ VM
     R = VAsA @ VM
-    S = _sym((L * sM[..., None, :]) @ L.mT)
-    S_inv = _sym((R / sM[..., None, :]) @ R.mT)
+    root_a, root_b = a.sqrt()[..., None, None], b.sqrt()[..., None, None]
+    S = _sym((L * sM[..., None, :]) @ L.mT) * (root_b / root_a)
+    S_inv = _sym((R / sM[..., None, :]) @ R.mT) * (root_a / root_b)
+    ok = ok & _finite(S, S_inv, dims=2)
     eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
     S = torch.where(ok[..., None, None], S, eye)
     S_inv = torch.where(ok[..., None, None], S_inv, eye)
-    nuclear = torch.where(ok, sM.sum(-1), torch.zeros_like(sM[..., 0]))
+    nuclear = torch.where(ok, sM.sum(-1) * root_a[..., 0, 0] * root_b[..., 0, 0], torch.zeros_like(sM[..., 0]))
     return Refactor(S, S_inv, ok, nuclear)
 
 
@@ -167,12 +189,14 @@ def reflora_s_scale(sqnorm_A: torch.Tensor, sqnorm_B: torch.Tensor) -> tuple[tor
     (equal Frobenius norms afterwards); the plain-GD step it induces is
     ``A <- A - eta dA / s*``, ``B <- B - eta s* dB``.
 
-    Returns ``(s*, ok)``; ``s* = 1`` where either norm is zero or non-finite.
+    Returns ``(s*, ok)``; ``s* = 1`` where either norm is zero or non-finite, or where ``s*``
+    itself is not representable (``||B|| / ||A||`` beyond the range of the dtype).
     """
     ok = torch.isfinite(sqnorm_A) & torch.isfinite(sqnorm_B) & (sqnorm_A > 0) & (sqnorm_B > 0)
     one = torch.ones_like(sqnorm_A)
-    s = (torch.where(ok, sqnorm_B, one) / torch.where(ok, sqnorm_A, one)).sqrt()
-    return s, ok
+    s = torch.where(ok, sqnorm_B, one).sqrt() / torch.where(ok, sqnorm_A, one).sqrt()  # no overflowing ratio
+    ok = ok & torch.isfinite(s) & (s > 0)
+    return torch.where(ok, s, one), ok
 
 
 def reflora_precondition(
@@ -205,10 +229,11 @@ def reflora_s_factor_scalings(s: torch.Tensor, rank: int) -> tuple[torch.Tensor,
 def inverse_gram(gram: torch.Tensor, rank_tol: float = RANK_TOL) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched inverse of SPD ``r x r`` Grams through ``eigh``; ``ok`` False (and I returned) if rank deficient."""
     ok = _finite(gram, dims=2)
-    w, V = _safe_eigh(gram, ok)
+    w, V, ok = _safe_eigh(gram, ok)
     ok = ok & (w[..., -1] > 0) & (w[..., 0] > rank_tol * w[..., -1])
     w = torch.where(ok[..., None], w, torch.ones_like(w))
     inv = (V / w[..., None, :]) @ V.mT
+    ok = ok & _finite(inv, dims=2)
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     return torch.where(ok[..., None, None], inv, eye), ok
 
@@ -279,6 +304,8 @@ def scalora_column_scaling(
     v = torch.cholesky_solve(rhs[..., None], chol)[..., 0] / d_safe
     ok = ok & (v > 0).all(-1) & _finite(v, dims=1)
     w = torch.where(ok[..., None], kappa * v, torch.ones_like(v)).sqrt()
+    ok = ok & _finite(w, dims=1) & (w > 0).all(-1)  # kappa * v may leave the range of a float32 compute dtype
+    w = torch.where(ok[..., None], w, torch.ones_like(w))
     return w[..., :r], w[..., r:], ok
 
 
@@ -354,6 +381,7 @@ def scalora_scalar_scaling(
     ok = ok & (best < 0)
     # LoRA init (B = 0): beta does not enter the bound; keep B (and its moments) as they are.
     best_y = torch.where((pB == 0) & (pAB == 0) & (best_y == 0), one, best_y)
+    ok = ok & torch.isfinite(best_x) & torch.isfinite(best_y)
     alpha = torch.where(ok, best_x, one).sqrt()
     beta = torch.where(ok, best_y, one).sqrt()
     return alpha, beta, ok
@@ -404,6 +432,48 @@ def scalora_merge_coefficient(alpha: torch.Tensor, beta: torch.Tensor) -> torch.
     ``B~ = B diag(beta)`` leaves the model's function unchanged; the first part is merged.
     """
     return 1.0 - alpha * beta
+
+
+def scalora_merge_growth(
+    gram_A: torch.Tensor, gram_B: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, weight_norm: torch.Tensor
+) -> torch.Tensor:
+    """How much ScaLoRA's merge enlarges the rounding error of the layer's function (ScaLoRA Sec. 3.1).
+
+    The merge stores ``W' = W + B diag(1 - alpha beta) A^T`` in the weight's dtype and keeps
+    ``B~ A~^T = B diag(alpha beta) A^T`` in the adapter; in exact arithmetic ``W' + B~ A~^T = W + A B^T``.
+    In floating point with unit roundoff ``u`` (standard model, Higham, *Accuracy and Stability of
+    Numerical Algorithms*, Sec. 2.2) both parts are rounded relative to their own size, so to first order::
+
+        ||(W' + B~ A~^T) - (W + B A^T)||_F <= u (||W|| + ||B diag(1 - alpha beta) A^T|| + ||B diag(alpha beta) A^T||)
+
+    whereas the function before the merge is only known to ``u (||W|| + ||B A^T||)`` (the same
+    bound with ``alpha = beta = 1``). The ratio of the two is returned::
+
+        G = (||W|| + ||B diag(1 - alpha beta) A^T|| + ||B diag(alpha beta) A^T||) / (||W|| + ||B A^T||)  >= 1
+
+    ``G = 1`` for ``alpha beta = 1`` (nothing merged); ``G ~ 2 alpha beta ||B A^T|| / ||W||`` when the
+    rescaled adapter dwarfs the weight (large ``kappa``): the merged part and the new adapter then
+    cancel and their rounding errors, not the weight's, dominate. Frobenius norms, exact from the
+    Grams: ``||B diag(d) A^T||^2 = sum_ij d_i d_j (A^T A)_ij (B^T B)_ij``.
+
+    Args:
+        gram_A, gram_B: ``A^T A`` and ``B^T B`` (``(..., r, r)``; effective coordinates: PEFT scale absorbed).
+        alpha, beta: the scalings, ``(..., r)``.
+        weight_norm: ``||W||_F`` of the base weight, batch-shaped.
+
+    Returns:
+        ``G`` (batch-shaped); ``inf`` or NaN where a norm is not finite.
+    """
+
+    def norm(d: torch.Tensor) -> torch.Tensor:
+        return ((d[..., :, None] * d[..., None, :]) * gram_A * gram_B).sum((-2, -1)).clamp_min(0).sqrt()
+
+    ab = alpha * beta
+    before = weight_norm + norm(torch.ones_like(ab))
+    after = weight_norm + norm(1.0 - ab) + norm(ab)
+    one = torch.ones_like(before)
+    degenerate = torch.where(after > 0, torch.full_like(after, float("inf")), one)  # 0 before: only 0 after is exact
+    return torch.where(before > 0, after / torch.where(before > 0, before, one), degenerate)
 
 
 class Rescaling(NamedTuple):

@@ -27,6 +27,7 @@ This module needs ``transformers`` only; ``trl`` is optional and never imported.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -104,6 +105,9 @@ class OptLoRACallback(TrainerCallback):
             m.detach()  # a new optimizer (e.g. auto_find_batch_size restarted the loop)
         if m.optimizer is None:
             m.attach(unwrap_optimizer(optimizer))
+        note = m.never_applied_note(planned_steps=getattr(state, "max_steps", None) or None)
+        if note:  # e.g. max_steps=50 with warmup_steps=100: the run would silently be plain LoRA
+            warnings.warn(note, UserWarning, stacklevel=2)
         if state.global_step > 0:  # Trainer resets the state unless it resumes from a checkpoint
             ckpt = self._checkpoint_for(args, state)
             load_state(m, ckpt)
@@ -122,6 +126,9 @@ class OptLoRACallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
+        note = self.method.never_applied_note()
+        if note:
+            warnings.warn(note, UserWarning, stacklevel=2)
         # Trainer reloaded the best adapter: bring ScaLoRA's merged base weights back to the same step.
         best = state.best_model_checkpoint
         if getattr(args, "load_best_model_at_end", False) and best and os.path.isfile(os.path.join(best, STATE_FILE)):

@@ -113,7 +113,10 @@ def merge_low_rank_(
     mode = resolve_mode(mode, weight.dtype)
     # the thin factor times coeff in float32 (or better); a single rounding happens when it meets the weight
     work = torch.promote_types(torch.promote_types(lora_B.dtype, weight.dtype), torch.float32)
-    left, right = lora_B.to(work) * coeff.to(work)[None, :], lora_A.to(work)
+    # lora_B * coeff in the wider of coeff's dtype and ``work``, rounded once: a coefficient beyond the
+    # float32 range (ScaLoRA on tiny factors) can still give a representable product
+    wide = torch.promote_types(work, coeff.dtype)
+    left, right = (lora_B.to(wide) * coeff.to(wide)[None, :]).to(work), lora_A.to(work)
     if fan_in_fan_out:  # weight stored as in x out: W^T += s * A^T diag(c) B^T
         left, right = right.mT, left.mT
     if mode == "nearest":

@@ -44,6 +44,8 @@ class LowRankResidual:
         dropped: sum over merges of the Frobenius norm cut off by truncation (float64 scalar tensor).
         merged: sum over merges of the Frobenius norm of the merged increment (float64 scalar tensor).
         norm: ``||U V||_F`` after the last merge (float64 scalar tensor).
+        base_norm: ``||W_q||_F`` of the (dequantised) base weight, measured once (:func:`weight_norm`);
+            ScaLoRA's merge guard weighs the merge against it, as against a float base weight.
     """
 
     def __init__(self, adapter: str, out_features: int, in_features: int, rank: int, *, dtype, device):
@@ -55,6 +57,7 @@ class LowRankResidual:
         self.dropped = torch.zeros((), dtype=torch.float64, device=device)
         self.merged = torch.zeros((), dtype=torch.float64, device=device)
         self.norm = torch.zeros((), dtype=torch.float64, device=device)
+        self.base_norm = torch.zeros((), dtype=torch.float64, device=device)
         self.active = False  # all zeros until the first merge: the hook then costs nothing
         self.handle = None
 
@@ -96,6 +99,32 @@ class LowRankResidual:
         self.active = bool(self.norm > 0)
 
 
+@torch.no_grad()
+def weight_norm(layer: nn.Module, in_features: int, device, chunk: int = 1024) -> torch.Tensor:
+    """``||W||_F`` of a linear layer ``x -> W x + b`` from its outputs, whatever stores ``W`` (float64 scalar).
+
+    ``||W||_F^2 = sum_j ||layer(e_j) - layer(0)||^2`` over the unit vectors ``e_j``, fed in chunks:
+    exact for any quantised storage (4-bit, int8, packed, ...) without knowing its format. The
+    layer runs in training mode (bitsandbytes repacks 4-bit weights for its CPU inference
+    kernel on eval-mode calls without gradients, which breaks later training; docs/QUANTIZED.md).
+    """
+    w = getattr(layer, "weight", None)
+    dtype = w.dtype if isinstance(w, torch.Tensor) and w.is_floating_point() else torch.float32  # what it computes in
+    was = layer.training
+    layer.train()
+    try:
+        zero = layer(torch.zeros(1, in_features, dtype=dtype, device=device)).double()
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for start in range(0, in_features, chunk):
+            k = min(chunk, in_features - start)
+            units = torch.zeros(k, in_features, dtype=dtype, device=device)
+            units[torch.arange(k), start + torch.arange(k)] = 1.0
+            total += (layer(units).double() - zero).square().sum()
+        return total.sqrt()
+    finally:
+        layer.train(was)
+
+
 def residuals_of(layer: nn.Module) -> dict[str, LowRankResidual]:
     """The residuals a base layer carries, by adapter name (empty if none)."""
     return getattr(layer, ATTR, {})
@@ -115,6 +144,15 @@ def attach(f: LoRAFactors, rank: int) -> LowRankResidual:
         return found
     dtype = torch.promote_types(f.lora_A.dtype, torch.float32)
     res = LowRankResidual(f.adapter, out_features, in_features, rank, dtype=dtype, device=f.lora_A.device)
+    others = list(residuals_of(base).values())  # another adapter's residual on this layer: not part of W_q
+    active = [r.active for r in others]
+    for r in others:
+        r.active = False
+    try:
+        res.base_norm.copy_(weight_norm(base, in_features, f.lora_A.device))
+    finally:
+        for r, a in zip(others, active):
+            r.active = a
     res.handle = base.register_forward_hook(res)
     if not hasattr(base, ATTR):
         setattr(base, ATTR, {})

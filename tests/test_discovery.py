@@ -7,11 +7,23 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import build, forward_backward, lora_params, mlp_batch, mlp_loss, np64, snapshot, tiny_mlp, train_steps
+from conftest import (
+    build,
+    forward_backward,
+    lora_params,
+    mlp_batch,
+    mlp_loss,
+    np64,
+    snapshot,
+    tiny_mlp,
+    tiny_mlp_two_adapters,
+    train_steps,
+)
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import optlora
+from optlora import discovery
 
 METHODS = {
     "reflora": lambda m, **kw: optlora.RefLoRA(m, **kw),
@@ -255,3 +267,53 @@ def test_attach_through_an_optimizer_wrapper():
     assert method.optimizer is inner
     with pytest.raises(TypeError, match="expected a torch.optim.Optimizer"):
         optlora.RefLoRA(tiny_mlp()).attach(object())
+
+
+# --------------------------------------------------------------------------- shared (tied) base weights
+def _tied_lm_head(targets=("q_proj", "lm_head")):
+    from optlora.testing import models
+
+    base = models.tiny_llama(hidden=16, intermediate=24, layers=1, vocab=32, tie_embeddings=True)
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=list(targets), init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns about the tied layer itself
+        return get_peft_model(base, cfg)
+
+
+def test_lora_on_a_tied_lm_head_is_refused_for_merging_methods_only():
+    model = _tied_lm_head()
+    shared = discovery.shared_base_weights(model, discovery.find_lora_factors(model))
+    assert list(shared) == ["base_model.model.lm_head[default]"]
+    assert shared["base_model.model.lm_head[default]"] == ["base_model.model.model.embed_tokens.weight"]
+    with pytest.raises(ValueError, match=r"lm_head\[default\]: its base weight is shared with .*embed_tokens"):
+        optlora.ScaLoRA(model)
+    assert len(optlora.RefLoRA(model).factors) == 2  # RefLoRA never writes a base weight
+    with pytest.warns(UserWarning, match="tied weights"):
+        method = optlora.ScaLoRA(model, skip_unsupported=True)
+    assert [f.name for f in method.factors] == ["base_model.model.model.layers.0.self_attn.q_proj[default]"]
+
+
+def test_untied_lm_head_and_two_adapters_on_one_layer_are_not_shared():
+    from optlora.testing import models
+
+    base = models.tiny_llama(hidden=16, intermediate=24, layers=1, vocab=32, tie_embeddings=False)
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False))
+    assert discovery.shared_base_weights(model, discovery.find_lora_factors(model)) == {}
+    two = tiny_mlp_two_adapters()
+    assert discovery.shared_base_weights(two, discovery.find_lora_factors(two)) == {}
+
+
+def test_non_overlapping_views_of_one_storage_are_not_shared():
+    """Two Linear layers whose weights are disjoint slices of one buffer (fused storage) do not interact."""
+    torch.manual_seed(0)
+    fused = torch.randn(8, 4)
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    first.weight, second.weight = nn.Parameter(fused[:4]), nn.Parameter(fused[4:])
+    model = get_peft_model(nn.Sequential(first, second), LoraConfig(r=2, target_modules=["0", "1"]))
+    assert discovery.shared_base_weights(model, discovery.find_lora_factors(model)) == {}
+    second.weight = nn.Parameter(fused[2:6])  # now overlapping
+    model = get_peft_model(nn.Sequential(first, second), LoraConfig(r=2, target_modules=["0", "1"]))
+    assert set(discovery.shared_base_weights(model, discovery.find_lora_factors(model))) == {
+        "base_model.model.0[default]",
+        "base_model.model.1[default]",
+    }

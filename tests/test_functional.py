@@ -327,6 +327,93 @@ def test_rank_deficient_and_nonfinite_inputs_give_identity_and_no_nan():
     assert ok.tolist() == [True, False, False] and torch.isfinite(s).all()
 
 
+# --------------------------------------------------------------------------- floating-point range (issue #8)
+
+
+def _merge_norms_np(W, A, B, alpha, beta):
+    """``||W||``, ``||B diag(d) A^T||`` for d = 1, 1 - alpha beta, alpha beta, from the full matrices (float64)."""
+    fro = np.linalg.norm
+    ab = alpha * beta
+    return fro(W), fro(B @ A.T), fro((B * (1 - ab)) @ A.T), fro((B * ab) @ A.T)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_merge_growth_equals_its_definition(seed):
+    rng = np.random.default_rng(seed)
+    A, B = rand_factors(rng, m=9, n=7, r=3)
+    W = rng.standard_normal((7, 9)) * 10.0 ** rng.uniform(-3, 3)
+    alpha, beta = 10.0 ** rng.uniform(-2, 3, 3), 10.0 ** rng.uniform(-2, 3, 3)
+    w, one, c, ab = _merge_norms_np(W, A, B, alpha, beta)
+    G = F.scalora_merge_growth(*grams(A, B), torch.tensor(alpha), torch.tensor(beta), torch.tensor(w))
+    assert G.item() == pytest.approx((w + c + ab) / (w + one), rel=1e-10)
+    assert G.item() >= 1.0
+    unit = F.scalora_merge_growth(*grams(A, B), torch.ones(3, dtype=torch.float64), torch.ones(3), torch.tensor(w))
+    assert unit.item() == pytest.approx(1.0, rel=1e-12)  # nothing merged: nothing amplified
+    zero = F.scalora_merge_growth(torch.zeros(3, 3), torch.zeros(3, 3), torch.ones(3), torch.ones(3), torch.tensor(0.0))
+    assert zero.item() == 1.0
+
+
+@pytest.mark.parametrize("log_ab", [-2, 0, 2, 4])
+def test_merge_growth_bounds_the_measured_rounding_error_of_a_merge(log_ab):
+    """The claim behind ScaLoRA's merge guard: after ``W' = W + s B diag(1 - ab) A^T`` (float32) and the
+    rescaled adapter, ``W' + s B~ A~^T`` differs from ``W + s B A^T`` by at most a few ``u G (||W|| + ||s B A^T||)``,
+    and the error does grow with ``G`` (the bound is not vacuous)."""
+    from optlora import merge
+
+    rng = np.random.default_rng(log_ab + 10)
+    errs, bounds = [], []
+    for _ in range(5):
+        A, B = rand_factors(rng, m=40, n=30, r=4)
+        W = rng.standard_normal((30, 40))
+        alpha = 10.0 ** (log_ab / 2 + rng.uniform(-0.5, 0.5, 4))
+        beta = 10.0 ** (log_ab / 2 + rng.uniform(-0.5, 0.5, 4))
+        Wt = torch.tensor(W, dtype=torch.float32)
+        At, Bt = torch.tensor(A.T, dtype=torch.float32), torch.tensor(B, dtype=torch.float32)  # PEFT layout
+        a, b = torch.tensor(alpha), torch.tensor(beta)
+        merge.merge_low_rank_(Wt, Bt, At, F.scalora_merge_coefficient(a, b), 1.0, mode="nearest")
+        A_new, B_new = At * a.float()[:, None], Bt * b.float()[None, :]
+        after = Wt.double() + B_new.double() @ A_new.double()
+        exact = torch.tensor(W + B @ A.T)
+        A64, B64 = torch.tensor(A), torch.tensor(B)
+        w = torch.tensor(np.linalg.norm(W))
+        G = F.scalora_merge_growth(A64.mT @ A64, B64.mT @ B64, a, b, w).item()
+        scale = np.linalg.norm(W) + np.linalg.norm(B @ A.T)
+        errs.append(float((after - exact).norm()) / scale)
+        bounds.append(torch.finfo(torch.float32).eps / 2 * G)
+    assert max(e / b for e, b in zip(errs, bounds)) <= 4.0
+    if log_ab >= 2:  # cancellation dominates: the measured error tracks G
+        assert min(e / b for e, b in zip(errs, bounds)) >= 0.05
+
+
+def test_extreme_float32_grams_never_raise_and_keep_scale_covariance():
+    """Finite float32 Grams near the ends of the range: no LinAlgError, no NaN; S(aX, bY) = sqrt(b/a) S(X, Y)."""
+    rng = np.random.default_rng(3)
+    A, B = rand_factors(rng, r=3)
+    gA, gB = grams(A, B)
+    ref_S = F.reflora_preconditioner(gA, gB).S
+    for a, b in [(1e-30, 1e30), (1e30, 1e-30), (1e35, 1e35), (1e-35, 1e-35), (1e37, 1.0)]:
+        out = F.reflora_preconditioner((a * gA).float(), (b * gB).float(), rank_tol=1e-5)
+        assert torch.isfinite(out.S).all() and torch.isfinite(out.S_inv).all()
+        expect = (ref_S * np.sqrt(b / a)).float()
+        if torch.isfinite(expect).all() and expect.abs().max() < 1e37 and expect.abs().max() > 1e-30:
+            assert out.ok.item()
+            torch.testing.assert_close(out.S, expect, rtol=2e-3, atol=0)
+        else:
+            assert not out.ok.item()
+    huge = torch.full((2, 2), 2.5e38).fill_diagonal_(3e38)  # M + M^T overflowed inside the old eigh
+    inv, ok = F.inverse_gram(huge, rank_tol=1e-5)
+    assert torch.isfinite(inv).all()
+
+
+def test_reflora_s_scale_never_overflows():
+    sqA = torch.tensor([1e-38, 1e-45, 1.0, 1e38], dtype=torch.float32)
+    sqB = torch.tensor([1e38, 1e38, 1.0, 1e-38], dtype=torch.float32)
+    s, ok = F.reflora_s_scale(sqA, sqB)
+    assert torch.isfinite(s).all() and (s > 0).all()
+    assert ok.tolist() == [True, False, True, True]  # 1e38 / 1e-45 is beyond float32: refused, not Inf
+    assert s[0].item() == pytest.approx(1e38, rel=1e-5) and s[3].item() == pytest.approx(1e-38, rel=1e-5)
+
+
 # --------------------------------------------------------------------------- low-rank truncation (residuals)
 
 

@@ -168,6 +168,20 @@ def test_load_best_model_at_end_restores_that_method_state(tmp_path):
         assert torch.equal(f.base_weight, saved["base_weights"][f.name])
 
 
+def test_run_shorter_than_warmup_warns_at_start_and_end(tmp_path):
+    """max_steps <= warmup_steps: the run would be plain LoRA without a word; the callback says so, twice."""
+    model = tiny_peft(seed=2)
+    method = optlora.RefLoRA(model, warmup_steps=5)
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=TokenDataset(n=8))
+    trainer.add_callback(optlora.hf.callback(method))
+    with pytest.warns(UserWarning) as record:
+        trainer.train()
+    messages = [str(w.message) for w in record if "RefLoRA" in str(w.message)]
+    assert any("will never be applied: the run has 2 optimizer steps and warmup_steps=5" in m for m in messages)
+    assert any("has not been applied in 2 optimizer steps" in m for m in messages)
+    assert method.method_steps == 0
+
+
 def test_callback_rejects_non_method():
     with pytest.raises(TypeError, match="optlora method"):
         optlora.hf.callback(object())

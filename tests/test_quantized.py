@@ -165,6 +165,9 @@ def test_scalora_residual_on_quantised_base_is_exact_scalora_on_the_dequantised_
         drift = ft.base_weight - fq.module.get_base_layer().dequantized()
         np.testing.assert_allclose(np64(mq.residuals[fq.name].dense()), np64(drift), rtol=1e-9, atol=1e-12)
     assert mq.stats()["residual_dropped"] < 1e-12
+    for f, r in mq.residuals.items():  # the merge guard weighs merges against the dequantised weight's norm
+        w = dict(quant.named_modules())[f.split("[")[0]].get_base_layer().dequantized()
+        assert r.base_norm.item() == pytest.approx(torch.linalg.matrix_norm(w).item(), rel=1e-6)  # float32 probe
     assert all(
         torch.equal(m.qweight, q.qweight)
         for m, q in zip(quant.modules(), int8_mlp().modules())
@@ -381,6 +384,8 @@ def test_scalora_residual_on_4bit_equals_exact_scalora_on_the_dequantised_model(
         res = methods["quant"].residuals[fq.name].dense().double()
         assert float((res - drift).norm() / drift.norm()) < 1e-5, fq.name  # float32 storage and kernels
         np.testing.assert_allclose(np64(fq.lora_A), np64(ft.lora_A), rtol=1e-5, atol=1e-6)
+        base_norm = methods["quant"].residuals[fq.name].base_norm.item()
+        assert base_norm == pytest.approx(float(w4.norm()), rel=1e-6)  # ||W_q|| read through the 4-bit layer
     assert methods["quant"].stats()["residual_dropped"] < 1e-6
 
 

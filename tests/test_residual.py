@@ -93,3 +93,12 @@ def test_state_dict_round_trip_and_deepcopy():
     torch.testing.assert_close(clone(x), model(x))
     (copied,) = residual.residuals_of(_first(clone).module.get_base_layer()).values()
     assert copied is not res and torch.equal(copied.left, res.left)
+
+
+def test_weight_norm_reads_the_weight_through_the_layer():
+    """``||W||_F`` from outputs on unit vectors (chunked), for any storage; eval mode is restored."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(7, 5).double().eval()
+    got = residual.weight_norm(layer, 7, "cpu", chunk=3)
+    assert got.item() == pytest.approx(torch.linalg.matrix_norm(layer.weight).item(), rel=1e-12)
+    assert not layer.training

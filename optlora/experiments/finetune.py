@@ -29,6 +29,7 @@ import gc
 import math
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -100,6 +101,9 @@ def train_one(task: str, method: str, lr: float, seed: int, cfg: dict, tokenizer
         kappa=cfg["kappa"],
     )
     model = setup.model.to(device)
+    note = setup.method.never_applied_note(planned_steps=steps) if setup.method is not None else None
+    if note:  # e.g. --steps 50 --method-warmup 100: the run would be plain LoRA
+        warnings.warn(note, UserWarning, stacklevel=2)
     sched = get_linear_schedule_with_warmup(setup.optimizer, round(cfg["lr_warmup_frac"] * steps), steps)
     tracker = None
     if cfg["telemetry_every"] > 0 and method in LORA_FAMILY:

@@ -7,11 +7,20 @@ that is due (after ``warmup_steps`` plain LoRA steps, then every ``interval`` st
 hook runs three phases:
 
 1. *plan*: compute every layer's closed form from its factors and gradients, batched
-   over layers of the same shape (no parameter is touched yet);
-2. *check*: if any layer's gradient is NaN/Inf, raise naming the layers (default), or
-   leave those layers to the plain step (``on_nonfinite="skip"``);
+   over layers of the same shape (no parameter is touched yet), with per-layer masks: inputs
+   finite, result within floating-point range (and, for ScaLoRA, a merge that keeps the
+   function to rounding), closed form defined;
+2. *check*: one device sync brings the masks to the host. A NaN/Inf gradient or factor raises
+   naming the layers (default) or skips them (``on_nonfinite="skip"``); out-of-range and
+   degenerate layers are skipped. Skipped layers are left exactly as they are, to the plain step;
 3. *apply*: precondition gradients (RefLoRA) or rescale factors, gradients and
-   optimizer moments (RefLoRA-S, ScaLoRA), merging into the base weight (ScaLoRA).
+   optimizer moments (RefLoRA-S, ScaLoRA), merging into the base weight (ScaLoRA), on the
+   layers that passed. ``method_steps`` counts the step only if at least one layer did.
+
+On every other step (warm-up, between intervals) the hook still checks, under
+``on_nonfinite="raise"``, that no LoRA gradient or factor is NaN/Inf (one fused reduction and
+one sync), and on every step it refuses adapters merged by PEFT's ``merge_adapter()`` and
+evaluates a ``step(closure)`` closure first (:mod:`optlora.methods.guards`).
 
 Subclasses implement ``_plan`` (or ``_plan_all``) and ``_apply`` only; every read and write of a
 parameter goes through :class:`optlora.methods.layers.LayerGroup`.
@@ -19,11 +28,14 @@ parameter goes through :class:`optlora.methods.layers.LayerGroup`.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..discovery import find_lora_factors
 from ..distributed import check_not_sharded
 from ..optimizer_state import moment_tensors, require_moment_rule, unwrap_optimizer
+from . import guards
 from .layers import LayerGroup, group_factors
 
 _ATTACHED = "_optlora_method"
@@ -37,6 +49,8 @@ class LoRAMethod:
     transfers_moments = False
     #: the method merges into base weights (needs mergeable layers)
     merges = False
+    #: a merging method accepts quantised bases (it keeps their merges elsewhere: ScaLoRA's ``residual_rank``)
+    _quantized_ok = False
     #: materialise per-layer scales to full shape in ``_rescale_group_`` (None: on CUDA only)
     _full_scales: bool | None = None
 
@@ -50,29 +64,34 @@ class LoRAMethod:
         skip_unsupported: bool = False,
         compute_dtype: torch.dtype = torch.float64,
     ):
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
-        if not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"interval must be an int >= 1, got {interval!r}")
+        warmup_steps = guards.check_int("warmup_steps", warmup_steps, 0)
+        interval = guards.check_int("interval", interval, 1)
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         if compute_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
+        if not isinstance(skip_unsupported, bool):
+            raise ValueError(f"skip_unsupported must be True or False, got {skip_unsupported!r}")
         self.model = model
         self.warmup_steps = warmup_steps
         self.interval = interval
         self.on_nonfinite = on_nonfinite
         self.compute_dtype = compute_dtype
         check_not_sharded(model)  # FSDP / ZeRO-3: refuse with advice (optlora.distributed)
-        self.factors = find_lora_factors(model, mergeable=self.merges, skip_unsupported=skip_unsupported)
+        self.factors = find_lora_factors(
+            model, mergeable=self.merges, skip_unsupported=skip_unsupported, quantized_ok=self._quantized_ok
+        )
         self._groups = group_factors(self.factors)
         self.optimizer: torch.optim.Optimizer | None = None
         self._rule: dict[str, int] | None = None
         self._handle = None
         self.steps = 0  # optimizer steps seen
-        self.method_steps = 0  # steps on which the method was applied
-        self._last: dict[str, torch.Tensor] = {}  # device tensors from the last applied step
+        self.method_steps = 0  # steps on which the method was applied to at least one layer
+        self._last: dict[str, torch.Tensor] = {}  # device tensors from the last due step
         self._last_names: list[str] = []  # the layers those tensors describe
+        self._last_skipped: dict[str, str] = {}  # name -> reason, last due step
+        self.skipped = dict.fromkeys(guards.REASONS, 0)  # layer-steps skipped so far, by reason
+        self._warned_range = False
 
     # ------------------------------------------------------------------ wiring
     def attach(self, optimizer) -> LoRAMethod:
@@ -121,30 +140,72 @@ class LoRAMethod:
         return step > self.warmup_steps and (step - self.warmup_steps - 1) % self.interval == 0
 
     # ------------------------------------------------------------------ the step
-    def _pre_step(self, optimizer, args, kwargs) -> None:
+    def _pre_step(self, optimizer, args, kwargs):
         step = self.steps + 1
+        replaced = guards.evaluate_closure(args, kwargs)  # step(closure): the gradient must exist first
+        guards.refuse_merged_adapters(self.factors)
         groups = self._active_groups() if self.is_due(step) else []
         if not groups:
+            if self.on_nonfinite == "raise":  # warm-up and between intervals too: one fused reduction, one sync
+                bad = guards.nonfinite_layers(self.factors)
+                if bad:
+                    raise guards.nonfinite_error(type(self).__name__, bad)
             self.steps = step
-            return
+            return replaced
         with torch.no_grad():
             # everything that can refuse the step runs before the first parameter is touched
             self._check_moments(groups)
             plans = self._plan_all(groups)
-            if self.on_nonfinite == "raise" and not bool(torch.cat([p["finite"] for p in plans]).all()):  # one sync
-                bad = [f.name for g, p in zip(groups, plans) for f, o in zip(g.factors, p["finite"].tolist()) if not o]
-                raise RuntimeError(
-                    f"{type(self).__name__}: non-finite gradient or factor in {len(bad)} LoRA layer(s): "
-                    + ", ".join(bad[:5])
-                    + ". Nothing was modified. Use a GradScaler/clipping, lower the learning rate, or pass "
-                    "on_nonfinite='skip' to leave such layers to the plain optimizer step."
-                )
+            flags = self._host_flags(plans)  # the one sync: (finite, ok, in_range) per layer
+            names = [f.name for g in groups for f in g.factors]
+            if self.on_nonfinite == "raise" and not all(finite for finite, _, _ in flags):
+                raise guards.nonfinite_error(type(self).__name__, [n for n, fl in zip(names, flags) if not fl[0]])
+            start = 0
             for g, p in zip(groups, plans):
-                self._apply(g, p)
+                keep = [ok for _, ok, _ in flags[start : start + len(g)]]
+                start += len(g)
+                if all(keep):
+                    self._apply(g, p)
+                elif any(keep):
+                    self._apply(*_restrict(g, p, keep))
         self.steps = step
-        self.method_steps += 1
+        self._record(plans, names, flags)
+        return replaced
+
+    @staticmethod
+    def _host_flags(plans: list[dict[str, torch.Tensor]]) -> list[tuple[bool, bool, bool]]:
+        """Per layer ``(finite, ok, in_range)`` on the host, with one device sync for all groups."""
+        cols = []
+        for p in plans:
+            in_range = p.get("in_range", torch.ones_like(p["ok"]))
+            cols.append(torch.stack([p["finite"], p["ok"] & p["finite"] & in_range, in_range], 1))
+        return [tuple(row) for row in torch.cat(cols).tolist()]
+
+    def _record(self, plans, names: list[str], flags: list[tuple[bool, bool, bool]]) -> None:
+        """Stats of a due step: skipped layers with their reason, counts; ``method_steps`` if any layer applied."""
         self._last = {k: torch.cat([p[k] for p in plans]) for k in plans[0] if k in ("finite", "ok", "column")}
-        self._last_names = [f.name for g in groups for f in g.factors]
+        self._last_names = names
+        self._last_skipped = {}
+        for name, (finite, ok, in_range) in zip(names, flags):
+            if not ok:
+                reason = guards.NONFINITE if not finite else guards.OUT_OF_RANGE if not in_range else guards.DEGENERATE
+                self._last_skipped[name] = reason
+                self.skipped[reason] += 1
+        if len(self._last_skipped) < len(names):
+            self.method_steps += 1
+        out = [n for n, r in self._last_skipped.items() if r == guards.OUT_OF_RANGE]
+        if out and not self._warned_range:
+            self._warned_range = True
+            warnings.warn(
+                f"{type(self).__name__} skipped {len(out)} LoRA layer(s) whose step would leave the floating-point "
+                f"range or, for ScaLoRA, lose the model's function to rounding at the merge ({', '.join(out[:3])}); "
+                "they take the plain step. stats()['skipped'] counts them. " + self._range_advice(),
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def _range_advice(self) -> str:
+        return "Check the scale of the factors (compute_dtype=torch.float64 has the widest range)."
 
     def _active_groups(self) -> list[LayerGroup]:
         """Groups restricted to adapters that received a gradient this step."""
@@ -175,6 +236,34 @@ class LoRAMethod:
         rule = self._rule if self.optimizer is not None else None
         group.rescale_(rescaling, self.optimizer, rule, full_scales=full)
 
+    def _rescaling_in_range(
+        self, group: LayerGroup, alpha: torch.Tensor, beta: torch.Tensor, rows: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Per layer: the chain-rule rescaling keeps every tensor it multiplies finite, and factor rows normal.
+
+        ``alpha`` multiplies ``lora_A``'s rows and ``lora_B.grad``'s columns, ``beta`` ``lora_B``'s
+        columns and ``lora_A.grad``'s rows, and the moments by the power of their rule
+        (:func:`optlora.functional.chain_rule_rescaling`). ``rows`` holds the largest |entry| of each
+        rank index of ``lora_A``, ``grad_A``, ``lora_B``, ``grad_B`` (``(L, r)``).
+        """
+        f = group.factors[0]
+        dA, dB = f.lora_A.dtype, f.lora_B.dtype
+        r = {k: v.to(torch.float64) for k, v in rows.items()}
+        lim_alpha = [
+            guards.multiplier_limits(r["lora_A"], 1, dA, keep_normal=True),
+            guards.multiplier_limits(r["grad_B"], 1, dB),
+        ]
+        lim_beta = [
+            guards.multiplier_limits(r["lora_B"], 1, dB, keep_normal=True),
+            guards.multiplier_limits(r["grad_A"], 1, dA),
+        ]
+        if self.optimizer is not None and self._rule is not None:
+            for (which, power, dtype), a in group.moment_amax(self.optimizer, self._rule).items():
+                (lim_beta if which == "grad_A" else lim_alpha).append(
+                    guards.multiplier_limits(a[:, None], power, dtype)
+                )
+        return guards.within_limits(alpha, lim_alpha) & guards.within_limits(beta, lim_beta)
+
     def _check_moments(self, groups: list[LayerGroup]) -> None:
         """Refuse optimizer state a rescaling cannot transfer exactly, before anything is modified."""
         if not self.transfers_moments or self.optimizer is None or self._rule is None:
@@ -199,20 +288,53 @@ class LoRAMethod:
         self.method_steps = int(state["method_steps"])
 
     def stats(self) -> dict:
-        """What happened so far; reading it synchronises with the device."""
+        """What happened so far.
+
+        ``method_steps``: steps on which at least one layer took the method's step;
+        ``last_skipped_layers`` / ``last_skip_reasons``: the layers of the last due step left to the
+        plain step and why (``"nonfinite"``, ``"out_of_range"``, ``"degenerate"``); ``skipped``: layer-steps
+        skipped so far, by reason; ``note``: present when the method has not been applied yet.
+        """
         out = {
             "method": self.name,
             "layers": len(self.factors),
             "steps": self.steps,
             "method_steps": self.method_steps,
             "next_step_applies": self.is_due(self.steps + 1),
+            "skipped": dict(self.skipped),
         }
-        if self._last:
-            ok = self._last["ok"] & self._last["finite"]
-            out["last_layers"] = int(ok.numel())
-            out["last_skipped_layers"] = [n for n, o in zip(self._last_names, ok.tolist()) if not o]
+        if self._last_names:
+            out["last_layers"] = len(self._last_names)
+            out["last_skipped_layers"] = list(self._last_skipped)
+            out["last_skip_reasons"] = dict(self._last_skipped)
+        note = self.never_applied_note()
+        if note:
+            out["note"] = note
         return out
+
+    def never_applied_note(self, planned_steps: int | None = None) -> str | None:
+        """A sentence if the method was never applied in ``self.steps`` steps (or cannot be in ``planned_steps``)."""
+        if planned_steps is not None and planned_steps <= self.warmup_steps:
+            return (
+                f"{type(self).__name__} will never be applied: the run has {planned_steps} optimizer steps and "
+                f"warmup_steps={self.warmup_steps} (plain LoRA steps first). Lower warmup_steps."
+            )
+        if self.steps > 0 and self.method_steps == 0:
+            why = (
+                f"all {self.steps} steps were warm-up (warmup_steps={self.warmup_steps})"
+                if self.steps <= self.warmup_steps
+                else f"every layer was skipped on every due step (stats()['skipped']: {self.skipped})"
+            )
+            return f"{type(self).__name__} has not been applied in {self.steps} optimizer steps: {why}; this was plain LoRA."
+        return None
 
     def __repr__(self) -> str:
         cfg = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "method")
         return f"{type(self).__name__}({len(self.factors)} LoRA layers, {cfg})"
+
+
+def _restrict(group: LayerGroup, plan: dict[str, torch.Tensor], keep: list[bool]) -> tuple[LayerGroup, dict]:
+    """The layers of ``group`` (and rows of ``plan``) with ``keep`` True."""
+    idx = [i for i, k in enumerate(keep) if k]
+    index = torch.tensor(idx, device=next(iter(plan.values())).device)
+    return LayerGroup([group.factors[i] for i in idx]), {k: v.index_select(0, index) for k, v in plan.items()}

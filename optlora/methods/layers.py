@@ -17,9 +17,10 @@ from typing import NamedTuple
 import torch
 
 from .. import merge, residual
-from ..discovery import LoRAFactors
+from ..discovery import LoRAFactors, quantized_base
 from ..functional import Rescaling
 from ..optimizer_state import moment_tensors
+from .guards import amax
 
 _GET = {
     "A": lambda f: f.lora_A,
@@ -27,6 +28,16 @@ _GET = {
     "gA": lambda f: f.lora_A.grad,
     "gB": lambda f: f.lora_B.grad,
 }
+
+
+class PairGrams(NamedTuple):
+    """ScaLoRA's Grams of ``S^A = [A, dA]`` and ``S^B = [dB, B]`` (effective coordinates), finiteness and row maxima."""
+
+    gram_SA: torch.Tensor  # (L, 2r, 2r)
+    gram_SB: torch.Tensor  # (L, 2r, 2r)
+    finite: torch.Tensor  # (L,) bool
+    amax_SA: torch.Tensor  # (L, 2r): max |entry| of lora_A's rows, then of lora_A.grad's rows (raw, PEFT layout)
+    amax_SB: torch.Tensor  # (L, 2r): max |entry| of lora_B.grad's columns, then of lora_B's columns
 
 
 class Stacked(NamedTuple):
@@ -105,8 +116,8 @@ class LayerGroup:
         """``||A||_F^2`` and ``||B||_F^2`` per layer."""
         return stacked.A.square().sum((1, 2)), stacked.B.square().sum((1, 2))
 
-    def pair_grams(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Grams of ``S^A = [A, dA]``, ``S^B = [dB, B]`` in effective coordinates, and per-layer finiteness.
+    def pair_grams(self, dtype: torch.dtype) -> PairGrams:
+        """Grams of ``S^A = [A, dA]``, ``S^B = [dB, B]`` in effective coordinates, per-layer finiteness and row maxima.
 
         Effective factors absorb the PEFT scale ``s`` into both: ``A_eff = sqrt(s) lora_A^T``,
         ``B_eff = sqrt(s) lora_B`` (ScaLoRA Theorems 3/5 are stated for ``W = W_pt + A B^T``).
@@ -124,7 +135,61 @@ class LayerGroup:
         root_s = self.scalings(dtype).sqrt()[:, None].expand(L, r)
         ones = torch.ones_like(root_s)
         dA, dB = torch.cat([root_s, ones], 1), torch.cat([ones, root_s], 1)
-        return gram_SA * (dA[:, :, None] * dA[:, None, :]), gram_SB * (dB[:, :, None] * dB[:, None, :]), finite
+        return PairGrams(
+            gram_SA * (dA[:, :, None] * dA[:, None, :]),
+            gram_SB * (dB[:, :, None] * dB[:, None, :]),
+            finite,
+            XA.abs().amax(-1),
+            XB.abs().amax(1),
+        )
+
+    def weight_norms(self, residuals: dict[str, residual.LowRankResidual] | None = None) -> torch.Tensor:
+        """``||W||_F`` of every adapter's base weight, ``(L,)`` in float32 or better (one fused reduction).
+
+        An adapter with a low-rank residual (quantised base) gives ``||W_q||_F + ||U V||_F``, a bound on
+        the norm of the weight it stands for (:class:`optlora.residual.LowRankResidual`).
+        """
+        if residuals and self.factors[0].name in residuals:  # groups are all-residual or none (group_factors)
+            rs = [residuals[f.name] for f in self.factors]
+            return torch.stack([r.base_norm + r.norm for r in rs]).to(
+                torch.promote_types(rs[0].left.dtype, torch.float32)
+            )
+        weights = [f.base_weight.detach() for f in self.factors]
+        dtype = torch.promote_types(weights[0].dtype, torch.float32)
+        return torch.stack(torch._foreach_norm(weights, 2, dtype=dtype))
+
+    def moment_amax(self, optimizer: torch.optim.Optimizer, rule: dict[str, int]) -> dict[tuple, torch.Tensor]:
+        """Largest |entry| of the optimizer moments a rescaling multiplies, by ``(which, power, dtype)``.
+
+        ``which`` is ``"grad_A"`` (``lora_A``'s moments, scaled like its gradient) or ``"grad_B"``; each
+        value is a float64 ``(L,)`` tensor (0 for layers without that state), from one fused reduction.
+        """
+        tensors, per_layer = [], []
+        for f in self.factors:
+            keys = []
+            for p, which in ((f.lora_A, "grad_A"), (f.lora_B, "grad_B")):
+                for t, power in moment_tensors(optimizer, rule, p):
+                    tensors.append(t)
+                    keys.append((which, power, t.dtype))
+            per_layer.append(keys)
+        if not tensors:
+            return {}
+        values = amax(tensors)
+        L = len(self.factors)
+        if all(keys == per_layer[0] for keys in per_layer):  # the usual case: one layout, no per-tensor kernels
+            table = values.view(L, len(per_layer[0]))
+            columns: dict[tuple, list[int]] = {}
+            for j, key in enumerate(per_layer[0]):
+                columns.setdefault(key, []).append(j)
+            return {key: table[:, cols].amax(1) for key, cols in columns.items()}
+        out: dict[tuple, list] = {}
+        flat = iter(values.unbind(0))
+        zero = torch.zeros((), dtype=torch.float64, device=values.device)
+        for i, keys in enumerate(per_layer):
+            for key in keys:
+                row = out.setdefault(key, [zero] * L)
+                row[i] = torch.maximum(row[i], next(flat))
+        return {key: torch.stack(row) for key, row in out.items()}
 
     # ------------------------------------------------------------------ write
     def set_gradients_(self, grad_A: torch.Tensor, grad_B: torch.Tensor) -> None:
@@ -220,9 +285,10 @@ class LayerGroup:
 
 
 def group_factors(factors: list[LoRAFactors]) -> list[LayerGroup]:
-    """Partition adapters into groups of the same device, dtypes and shapes (order kept)."""
+    """Partition adapters into groups of the same device, dtypes, shapes and kind of base (order kept)."""
     groups: dict[tuple, list[LoRAFactors]] = defaultdict(list)
     for f in factors:
         key = (f.lora_A.device, f.lora_A.dtype, f.lora_B.dtype, tuple(f.lora_A.shape), tuple(f.lora_B.shape))
+        key += (quantized_base(f),)  # merged into the weight or into a residual: never in one group
         groups[key].append(f)
     return [LayerGroup(v) for v in groups.values()]

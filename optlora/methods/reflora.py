@@ -26,7 +26,15 @@ from ..functional import (
     reflora_s_scale,
 )
 from .base import LoRAMethod
+from .guards import check_rank_tol, fits
 from .layers import LayerGroup
+
+
+def preconditioned_in_range(group: LayerGroup, grad_A: torch.Tensor, grad_B: torch.Tensor) -> torch.Tensor:
+    """Per layer: the new gradients (compute dtype) are finite and representable in the gradients' dtype."""
+    f = group.factors[0]
+    top_A, top_B = grad_A.abs().flatten(1).amax(1).double(), grad_B.abs().flatten(1).amax(1).double()
+    return fits(top_A, f.lora_A.dtype) & fits(top_B, f.lora_B.dtype)
 
 
 class RefLoRA(LoRAMethod):
@@ -70,8 +78,9 @@ class RefLoRA(LoRAMethod):
         self.transfers_moments = self.scalar
         self.name = "reflora_s" if self.scalar else "reflora"
         super().__init__(model, warmup_steps=warmup_steps, interval=interval, **kwargs)
-        self.rank_tol = (
-            rank_tol if rank_tol is not None else (RANK_TOL if self.compute_dtype == torch.float64 else 1e-5)
+        self.rank_tol = check_rank_tol(
+            rank_tol if rank_tol is not None else (RANK_TOL if self.compute_dtype == torch.float64 else 1e-5),
+            self.compute_dtype,
         )
 
     def config(self) -> dict:
@@ -88,7 +97,15 @@ class RefLoRA(LoRAMethod):
             plans = []
             for g, st in zip(groups, parts):
                 s, ok = reflora_s_scale(*g.factor_sqnorms(st))
-                plans.append({"finite": st.finite, "ok": ok & st.finite, "s": s})
+                alpha, beta = reflora_s_factor_scalings(s, g.rank)
+                rows = {
+                    "lora_A": st.A.abs().amax(-1),
+                    "grad_A": st.gA.abs().amax(-1),
+                    "lora_B": st.B.abs().amax(1),
+                    "grad_B": st.gB.abs().amax(1),
+                }
+                in_range = self._rescaling_in_range(g, alpha, beta, rows)
+                plans.append({"finite": st.finite, "ok": ok & st.finite & in_range, "in_range": in_range, "s": s})
             return plans
         refs: list = [None] * len(parts)
         buckets: dict[tuple, list[int]] = {}
@@ -102,15 +119,21 @@ class RefLoRA(LoRAMethod):
             for i, S, S_inv, ok in zip(idx, ref.S.split(sizes), ref.S_inv.split(sizes), ref.ok.split(sizes)):
                 refs[i] = (S, S_inv, ok)
         plans = []
-        for st, (S, S_inv, ref_ok) in zip(parts, refs):
+        for g, st, (S, S_inv, ref_ok) in zip(groups, parts, refs):
             ok = ref_ok & st.finite
             grad_A, grad_B = reflora_precondition(st.gA, st.gB, S, S_inv, ok)
-            plans.append({"finite": st.finite, "ok": ok, "gA": grad_A, "gB": grad_B})
+            in_range = preconditioned_in_range(g, grad_A, grad_B)
+            plans.append({"finite": st.finite, "ok": ok & in_range, "in_range": in_range, "gA": grad_A, "gB": grad_B})
         return plans
+
+    def _range_advice(self) -> str:
+        return "The factors' scales differ too much for the gradient's dtype; compute_dtype=torch.float64 may help."
 
     def _apply(self, group: LayerGroup, plan: dict[str, torch.Tensor]) -> None:
         if self.scalar:
-            s = torch.where(plan["ok"], plan["s"], torch.ones_like(plan["s"]))
+            # float64 scalings (exact inverses to float64 rounding) whatever the compute dtype: sqrt(s) and
+            # 1/sqrt(s) rounded separately in float32 would change float64 weights by float32 rounding
+            s = torch.where(plan["ok"], plan["s"], torch.ones_like(plan["s"])).double()
             self._rescale_group_(group, chain_rule_rescaling(*reflora_s_factor_scalings(s, group.rank)))
             return
         group.set_gradients_(plan["gA"], plan["gB"])

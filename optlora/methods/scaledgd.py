@@ -25,7 +25,9 @@ import torch
 
 from ..functional import RANK_TOL, scaledgd_precondition
 from .base import LoRAMethod
+from .guards import check_rank_tol
 from .layers import LayerGroup
+from .reflora import preconditioned_in_range
 
 
 class ScaledGD(LoRAMethod):
@@ -43,8 +45,9 @@ class ScaledGD(LoRAMethod):
 
     def __init__(self, model: torch.nn.Module, *, warmup_steps: int = 1, interval: int = 1, rank_tol=None, **kwargs):
         super().__init__(model, warmup_steps=warmup_steps, interval=interval, **kwargs)
-        self.rank_tol = (
-            rank_tol if rank_tol is not None else (RANK_TOL if self.compute_dtype == torch.float64 else 1e-5)
+        self.rank_tol = check_rank_tol(
+            rank_tol if rank_tol is not None else (RANK_TOL if self.compute_dtype == torch.float64 else 1e-5),
+            self.compute_dtype,
         )
 
     def _plan(self, group: LayerGroup) -> dict[str, torch.Tensor]:
@@ -53,8 +56,8 @@ class ScaledGD(LoRAMethod):
         gram_A, gram_B = group.factor_grams(st)
         # Grams of the effective factors A_eff = sqrt(s) lora_A^T, B_eff = sqrt(s) lora_B
         grad_A, grad_B, ok = scaledgd_precondition(st.gA, st.gB, s * gram_A, s * gram_B, self.rank_tol)
-        ok = ok & st.finite
-        return {"finite": st.finite, "ok": ok, "gA": grad_A, "gB": grad_B}
+        in_range = preconditioned_in_range(group, grad_A, grad_B)
+        return {"finite": st.finite, "ok": ok & st.finite & in_range, "in_range": in_range, "gA": grad_A, "gB": grad_B}
 
     def _apply(self, group: LayerGroup, plan: dict[str, torch.Tensor]) -> None:
         group.set_gradients_(plan["gA"], plan["gB"])

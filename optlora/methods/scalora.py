@@ -23,8 +23,9 @@ from __future__ import annotations
 import torch
 
 from .. import merge, residual
-from ..discovery import merge_problem, quantized_base
-from ..functional import chain_rule_rescaling, scalora_merge_coefficient, scalora_scalings
+from ..discovery import quantized_base
+from ..functional import chain_rule_rescaling, scalora_merge_coefficient, scalora_merge_growth, scalora_scalings
+from . import guards
 from .base import LoRAMethod
 from .layers import LayerGroup
 
@@ -65,6 +66,13 @@ class ScaLoRA(LoRAMethod):
     name = "scalora"
     transfers_moments = True
     merges = True
+    #: a layer is skipped when its merge would enlarge the first-order rounding-error bound of its function
+    #: by more than G_max = max(merge_f32_units * u_float32 / u_weight, merge_growth_half)
+    #: (:func:`optlora.functional.scalora_merge_growth`): 32 units of float32 rounding for float32/float64
+    #: weights, 4x the weight's own rounding for bfloat16/float16. Measured G: 1.0-1.15 at kappa=1 and at
+    #: most 2.6 at kappa=10 on SmolLM2-135M; up to ~25 at kappa=10 on small random Llamas (docs/RELIABILITY.md)
+    merge_f32_units = 32.0
+    merge_growth_half = 4.0
 
     def __init__(
         self,
@@ -79,21 +87,22 @@ class ScaLoRA(LoRAMethod):
         residual_rank: int | None = None,
         **kwargs,
     ):
-        if not (isinstance(kappa, (int, float)) and kappa > 0 and kappa == kappa and kappa != float("inf")):
-            raise ValueError(f"kappa must be a positive finite number, got {kappa!r}")
+        kappa = guards.check_kappa(kappa)
+        seed = guards.check_int("seed", seed, 0)
         if mode not in ("hybrid", "column", "scalar"):
             raise ValueError(f"mode must be 'hybrid', 'column' or 'scalar', got {mode!r}")
         merge.resolve_mode(merge_precision, torch.float32)  # validates the name
-        if residual_rank is not None and (type(residual_rank) is not int or residual_rank < 1):
-            raise ValueError(f"residual_rank must be None or an int >= 1, got {residual_rank!r}")
         if residual_rank is not None:
-            self.merges = False  # let discovery accept quantised bases; every layer is checked below
-        super().__init__(model, warmup_steps=warmup_steps, interval=interval, **kwargs)
+            residual_rank = guards.check_int("residual_rank", residual_rank, 1)
         self.residual_rank = residual_rank
-        self.residuals: dict[str, residual.LowRankResidual] = {}  # adapter name -> its residual (quantised bases)
+        self._quantized_ok = residual_rank is not None  # discovery: quantised bases take a residual, not a refusal
+        super().__init__(model, warmup_steps=warmup_steps, interval=interval, **kwargs)
+        #: adapter name -> its low-rank residual, for the adapters on quantised bases
+        self.residuals: dict[str, residual.LowRankResidual] = {}
         if residual_rank is not None:
-            del self.merges  # ScaLoRA merges: into the base weight, or into the residual
-            self._attach_residuals(residual_rank)
+            for f in self.factors:
+                if quantized_base(f):
+                    self.residuals[f.name] = residual.attach(f, residual_rank)
         self.name = "scalora" if interval == 1 else "scalora_i"
         self.kappa = float(kappa)
         self.mode = mode
@@ -111,15 +120,6 @@ class ScaLoRA(LoRAMethod):
                 self.buffers[f.name] = shared[key]
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def _attach_residuals(self, rank: int) -> None:
-        """A residual for every adapter on a quantised base; any other layer must take an exact merge."""
-        problems = [f"{f.name}: {why}" for f in self.factors if not quantized_base(f) and (why := merge_problem(f))]
-        if problems:
-            raise ValueError("ScaLoRA cannot merge into these LoRA layers:\n  " + "\n  ".join(problems))
-        for f in self.factors:
-            if quantized_base(f):
-                self.residuals[f.name] = residual.attach(f, rank)
-
     def config(self) -> dict:
         out = {**super().config(), "kappa": self.kappa, "mode": self.mode, "merge_precision": self.merge_precision}
         if self.residual_rank is not None:
@@ -132,32 +132,84 @@ class ScaLoRA(LoRAMethod):
         return self._generators[device]
 
     def _plan_all(self, groups: list[LayerGroup]) -> list[dict[str, torch.Tensor]]:
-        """Grams per group; the 2r x 2r closed forms once for all groups of the same rank (fewer kernels)."""
+        """Grams per group; the 2r x 2r closed forms once for all groups of the same rank (fewer kernels).
+
+        A layer is applied only where the scalings exist (``ok``) and its step stays in range
+        (``in_range``): the rescaled factors, gradients and moments are finite and the merge keeps
+        the model's function to rounding (:meth:`_merge_in_range`). Other layers are not touched.
+        """
         grams = [g.pair_grams(self.compute_dtype) for g in groups]
         plans: list = [None] * len(groups)
         buckets: dict[tuple, list[int]] = {}
-        for i, (gram_SA, _, _) in enumerate(grams):
-            buckets.setdefault((gram_SA.shape[-1], gram_SA.device), []).append(i)
+        for i, pg in enumerate(grams):
+            buckets.setdefault((pg.gram_SA.shape[-1], pg.gram_SA.device), []).append(i)
         for idx in buckets.values():
-            gram_SA = torch.cat([grams[i][0] for i in idx])
-            gram_SB = torch.cat([grams[i][1] for i in idx])
-            finite = torch.cat([grams[i][2] for i in idx])
+            gram_SA = torch.cat([grams[i].gram_SA for i in idx])
+            gram_SB = torch.cat([grams[i].gram_SB for i in idx])
+            finite = torch.cat([grams[i].finite for i in idx])
             sc = scalora_scalings(gram_SA, gram_SB, self.kappa, self.mode)
             ok = sc.ok & finite
             one = torch.ones_like(sc.alpha)
             alpha = torch.where(ok[:, None], sc.alpha, one)
             beta = torch.where(ok[:, None], sc.beta, one)
-            column = sc.column & ok
-            sizes = [grams[i][2].shape[0] for i in idx]
-            for i, *parts in zip(idx, *(t.split(sizes) for t in (finite, ok, column, alpha, beta))):
+            sizes = [grams[i].finite.shape[0] for i in idx]
+            for i, *parts in zip(idx, *(t.split(sizes) for t in (finite, ok, sc.column, alpha, beta))):
                 plans[i] = dict(zip(("finite", "ok", "column", "alpha", "beta"), parts))
+        for g, pg, plan in zip(groups, grams, plans):
+            r = g.rank
+            rows = {"lora_A": pg.amax_SA[:, :r], "grad_A": pg.amax_SA[:, r:], "grad_B": pg.amax_SB[:, :r]}
+            rows["lora_B"] = pg.amax_SB[:, r:]
+            in_range = self._rescaling_in_range(g, plan["alpha"], plan["beta"], rows)
+            plan["in_range"] = in_range & self._merge_in_range(g, pg, plan["alpha"], plan["beta"])
+            plan["ok"] = plan["ok"] & plan["in_range"]
+            plan["column"] = plan["column"] & plan["ok"]
         return plans
+
+    def _merge_in_range(self, group: LayerGroup, pg, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """Per layer: the merge keeps the function to rounding and every intermediate is finite.
+
+        ``G = scalora_merge_growth(...) <= max_merge_growth(dtype)`` (the merge enlarges the function's
+        rounding error by at most that factor), ``1 - alpha beta`` finite, the thin factor
+        ``lora_B diag(1 - alpha beta)`` and every term of its product with ``lora_A`` finite in the merge's
+        working dtype, the merged weight finite in the weight's dtype. Reads ``||W||_F`` of every base weight (one fused reduction).
+        """
+        r = group.rank
+        f = group.factors[0]
+        coeff = scalora_merge_coefficient(alpha, beta)
+        gram_A, gram_B = pg.gram_SA[:, :r, :r], pg.gram_SB[:, r:, r:]
+        weight_norm = group.weight_norms(self.residuals).to(gram_A.dtype)
+        growth = scalora_merge_growth(gram_A, gram_B, alpha, beta, weight_norm)
+        before = weight_norm + (gram_A * gram_B).sum((-2, -1)).clamp_min(0).sqrt()
+        # the merge target: the base weight, or (quantised base) the float32 residual
+        target = self.residuals[f.name].left.dtype if f.name in self.residuals else f.base_weight.dtype
+        work = torch.promote_types(torch.promote_types(f.lora_B.dtype, target), torch.float32)
+        left = pg.amax_SB[:, r:].double() * coeff.double().abs()  # per column of lora_B diag(1 - alpha beta)
+        scaling = group.scalings(gram_A.dtype).double()[:, None]  # the cached compute-dtype tensor: no host copy
+        # every term of the merge's matmul (and so its partial sums) is at most s |B_ik c_k A_kj|
+        product = (scaling * left * pg.amax_SA[:, :r].double()).sum(-1)
+        thin = guards.fits(left, work).all(-1) & guards.fits(product, work)
+        merged = guards.fits((growth * before).double(), target)
+        return torch.isfinite(coeff).all(-1) & (growth <= self.max_merge_growth(target)) & thin & merged
+
+    def max_merge_growth(self, weight_dtype: torch.dtype) -> float:
+        """The largest merge growth ``G`` accepted for base weights of ``weight_dtype`` (see :attr:`merge_f32_units`)."""
+        eps32, eps = torch.finfo(torch.float32).eps, torch.finfo(weight_dtype).eps
+        return max(self.merge_f32_units * eps32 / eps, self.merge_growth_half)
+
+    def _range_advice(self) -> str:
+        return (
+            f"With kappa={self.kappa:g} the rescaled adapter may be far larger than the base weights; the merge's "
+            "rounding error grows with kappa (limit: ScaLoRA.max_merge_growth(dtype), docs/RELIABILITY.md). "
+            "Try a smaller kappa."
+        )
 
     def _apply(self, group: LayerGroup, plan: dict[str, torch.Tensor]) -> None:
         alpha, beta = plan["alpha"], plan["beta"]
-        # float32 at least: rounding 1 - alpha*beta to bf16 would change the model's function at the merge
-        work = torch.promote_types(group.factors[0].lora_B.dtype, torch.float32)
-        coeff = scalora_merge_coefficient(alpha, beta).to(work)
+        # in float64 from the scalings the rescale applies (a float32 compute dtype included): 1 - alpha*beta
+        # then matches alpha*beta to float64 rounding, and merge_low_rank_ forms lora_B * coefficient in
+        # float64 before a single rounding, so neither a bf16/float32 rounding nor a float32 overflow of the
+        # coefficient (tiny factors: alpha*beta > 3e38 while lora_B * coefficient is moderate) reaches the weight
+        coeff = scalora_merge_coefficient(alpha.double(), beta.double())
         group.merge_(
             coeff,
             mode=self.merge_precision,

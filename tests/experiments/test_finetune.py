@@ -128,3 +128,8 @@ def test_resume_reuses_matching_runs_only(data_dir, tmp_path):
         "sst2", ["lora"], out_dir=out, data_dir=data_dir, resume=True, **{**TINY, "steps": 3}
     )
     assert len(changed[0]["steps"]) == 3
+
+
+def test_method_warmup_longer_than_the_run_warns(data_dir, tmp_path):
+    with pytest.warns(UserWarning, match="will never be applied: the run has 4 optimizer steps and warmup_steps=9"):
+        finetune.run_finetune("sst2", ["reflora"], out_dir=tmp_path, data_dir=data_dir, **{**TINY, "method_warmup": 9})

@@ -1,0 +1,213 @@
+"""The checks that keep a method from ever leaving a model silently wrong (docs/RELIABILITY.md).
+
+Every fault ends in a clear error before anything is modified, or in a reported safe skip
+(``stats()`` names the layer, gives the reason and counts it). This module holds the checks
+that are not closed forms of the papers:
+
+* **arguments** (:func:`check_int`, :func:`check_kappa`, :func:`check_rank_tol`): refused at construction;
+* **every optimizer step** the method is attached to: :func:`refuse_merged_adapters` (PEFT's
+  ``merge_adapter()`` between ``backward`` and ``step``), :func:`nonfinite_layers` (one fused
+  reduction and one device sync, also on warm-up and between intervals) and
+  :func:`evaluate_closure` (``optimizer.step(closure)``: the gradient must exist before the method runs);
+* **floating-point range** (:func:`multiplier_limits`, :func:`within_limits`): a rescaling is
+  applied only if every factor, gradient and optimizer moment it multiplies stays finite and
+  every factor row stays in the normal range of its dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+
+import torch
+
+#: skip reasons reported by ``stats()``
+NONFINITE, OUT_OF_RANGE, DEGENERATE = "nonfinite", "out_of_range", "degenerate"
+REASONS = (NONFINITE, OUT_OF_RANGE, DEGENERATE)
+
+#: ScaLoRA's kappa is refused outside this range (see :func:`check_kappa`)
+KAPPA_RANGE = (1e-12, 1e12)
+
+
+# ---------------------------------------------------------------------------------------- arguments
+def check_int(name: str, value, minimum: int) -> int:
+    """``value`` as an ``int >= minimum``; ``ValueError`` for bools, floats, strings and smaller values."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_kappa(kappa) -> float:
+    """ScaLoRA's ``kappa = 1/(L eta)``: a real number in :data:`KAPPA_RANGE`.
+
+    ``kappa`` sets the squared column norms of the rescaled effective factors (``A~^T A~ ~ kappa``),
+    and the merge's rounding error grows with it (:func:`optlora.functional.scalora_merge_growth`).
+    Outside ``[1e-12, 1e12]`` the rescaled factors are 10^6 times larger or smaller than any
+    weight they are added to; the per-layer guard would skip every layer, so the value is refused.
+    """
+    lo, hi = KAPPA_RANGE
+    if isinstance(kappa, bool) or not isinstance(kappa, numbers.Real) or not (lo <= kappa <= hi):
+        raise ValueError(
+            f"kappa must be a real number in [{lo:g}, {hi:g}] (1/(L*eta) in effective coordinates; the default 1.0 "
+            f"keeps the factors at PEFT's initial scale), got {kappa!r}"
+        )
+    return float(kappa)
+
+
+def check_rank_tol(rank_tol, compute_dtype: torch.dtype) -> float:
+    """A relative eigenvalue floor in ``[eps(compute_dtype), 1)``: below ``eps`` no eigenvalue is resolved."""
+    eps = torch.finfo(compute_dtype).eps
+    if isinstance(rank_tol, bool) or not isinstance(rank_tol, numbers.Real) or not (eps <= rank_tol < 1):
+        raise ValueError(
+            f"rank_tol must be a real number in [{eps:g}, 1) for compute_dtype {compute_dtype}, got {rank_tol!r}"
+        )
+    return float(rank_tol)
+
+
+# ---------------------------------------------------------------------------------------- every step
+def refuse_merged_adapters(factors) -> None:
+    """Raise if an adapter with a pending gradient is merged into its base weight (PEFT ``merge_adapter()``).
+
+    A merged adapter's factors are also inside the base weight; stepping them (and ScaLoRA's merge)
+    makes PEFT's later ``unmerge`` subtract a different product, corrupting the weight.
+    """
+    merged = [
+        f.name
+        for f in factors
+        if f.adapter in getattr(f.module, "merged_adapters", ())
+        and (f.lora_A.grad is not None or f.lora_B.grad is not None)
+    ]
+    if merged:
+        raise RuntimeError(
+            f"{len(merged)} LoRA adapter(s) are merged into their base weights while they have gradients: "
+            + ", ".join(merged[:5])
+            + ". Stepping them now would corrupt the base weights when PEFT unmerges them. Call "
+            "model.unmerge_adapter() before optimizer.step() (merge only for evaluation). Nothing was modified."
+        )
+
+
+def amax(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Largest absolute entry of each tensor (NaN if it holds a NaN) as float64 ``(len,)``.
+
+    Per device and dtype one fused reduction (a maximum cannot overflow), one stack and one cast:
+    no per-tensor kernels on CUDA.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    if not groups:
+        return torch.zeros(0, dtype=torch.float64)
+    parts, order = [], []
+    for (device, _), idx in groups.items():
+        ts = [tensors[i] for i in idx]
+        if device.type == "cpu":  # _foreach_norm(inf) is a slow per-tensor loop on CPU; aminmax is ~5x faster
+            lows, highs = zip(*(torch.aminmax(t) for t in ts))
+            top = torch.maximum(torch.stack(highs), -torch.stack(lows))
+        else:  # one fused max-abs kernel
+            top = torch.stack(torch._foreach_norm(ts, math.inf))
+        parts.append(top.to(torch.float64))
+        order += idx
+    device = parts[0].device
+    values = torch.cat([part.to(device) for part in parts])
+    if order != sorted(order):
+        values = values[torch.tensor(order, device=device).argsort()]
+    return values
+
+
+def nonfinite_layers(factors) -> list[str]:
+    """Names of the adapters whose ``lora_A``/``lora_B`` or their gradients hold NaN/Inf.
+
+    One fused max-abs reduction per device and dtype (:func:`amax`; NaN propagates through the
+    maximum, Inf is its own maximum, a maximum cannot overflow) and one device sync.
+    """
+    tensors, owner = [], []
+    for f in factors:
+        for t in (f.lora_A, f.lora_B, f.lora_A.grad, f.lora_B.grad):
+            if t is not None:
+                tensors.append(t.detach())
+                owner.append(f.name)
+    if not tensors:
+        return []
+    finite = torch.isfinite(amax(tensors))
+    if bool(finite.all()):  # the one sync
+        return []
+    return list(dict.fromkeys(n for n, ok in zip(owner, finite.tolist()) if not ok))
+
+
+def nonfinite_error(method: str, names: list[str]) -> RuntimeError:
+    return RuntimeError(
+        f"{method}: non-finite gradient or factor in {len(names)} LoRA layer(s): "
+        + ", ".join(names[:5])
+        + ". Nothing was modified. Use a GradScaler/clipping, lower the learning rate, or pass "
+        "on_nonfinite='skip' to leave such layers to the plain optimizer step."
+    )
+
+
+def evaluate_closure(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """``optimizer.step(closure)``: evaluate the closure now, hand the optimizer its result.
+
+    The method transforms the gradient inside ``step``'s pre-hook, so the gradient must exist
+    there. The closure (forward + backward) runs once, here, under ``torch.enable_grad()``; the
+    optimizer receives a closure that returns that loss without recomputing the gradient (which
+    would undo the method). Optimizers that evaluate the closure more than once (LBFGS) are refused
+    at ``attach``; a second call raises. Returns the new ``(args, kwargs)``, or ``None`` without a closure.
+    """
+    positional = len(args) > 1
+    closure = args[1] if positional else kwargs.get("closure")
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        loss = closure()
+    calls = []
+
+    def evaluated():
+        if calls:
+            raise RuntimeError(
+                "this optimizer evaluates the closure more than once per step; optlora evaluated it once before "
+                "transforming the gradient and cannot re-evaluate it. Call loss.backward() yourself, then step()."
+            )
+        calls.append(1)
+        return loss
+
+    if positional:
+        return (args[0], evaluated, *args[2:]), kwargs
+    return args, {**kwargs, "closure": evaluated}
+
+
+# ---------------------------------------------------------------------------------------- floating-point range
+def multiplier_limits(
+    amax: torch.Tensor, power: int, dtype: torch.dtype, *, keep_normal: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Range ``[lo, hi]`` of multipliers ``m`` that a tensor with largest entry ``amax`` can take as ``m ** power``.
+
+    ``hi``: ``amax * m**power`` stays below half the largest finite value of ``dtype``, and
+    ``m**power`` itself is finite in the dtype the rescale computes it in (``dtype`` promoted to
+    float32). ``lo``: ``m**power`` is a normal number there and, with ``keep_normal`` (factors),
+    ``amax * m**power`` stays at least the smallest normal number of ``dtype`` (so that no factor row is
+    flushed into the subnormal range, where it would lose precision). ``amax`` is float64.
+    """
+    info, scale = torch.finfo(dtype), torch.finfo(torch.promote_types(dtype, torch.float32))
+    p = float(power)
+    inf = torch.full_like(amax, math.inf)
+    hi = torch.where(amax > 0, (info.max / 2 / amax) ** (1 / p), inf).clamp_max(scale.max ** (1 / p))
+    lo = torch.full_like(amax, scale.tiny ** (1 / p))
+    if keep_normal:
+        lo = torch.maximum(lo, torch.where(amax > 0, (info.tiny / amax) ** (1 / p), torch.zeros_like(amax)))
+    nan = ~torch.isfinite(amax)
+    return torch.where(nan, inf, lo), torch.where(nan, torch.zeros_like(amax), hi)
+
+
+def within_limits(m: torch.Tensor, limits: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Per layer (leading dim): every ``m`` is finite and 0 (exact: ScaLoRA's one-sided optimum) or inside every ``[lo, hi]``."""
+    m = m.to(torch.float64)
+    ok = torch.isfinite(m).flatten(1).all(1)
+    zero = m == 0
+    for lo, hi in limits:
+        ok = ok & (zero | ((m >= lo) & (m <= hi))).flatten(1).all(1)
+    return ok
+
+
+def fits(values_amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``values_amax`` (float64) is finite and at most half the largest finite value of ``dtype``."""
+    return torch.isfinite(values_amax) & (values_amax <= torch.finfo(dtype).max / 2)
