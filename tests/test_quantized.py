@@ -227,6 +227,27 @@ def test_saved_residuals_reload_into_a_fresh_model_and_merged_export_refuses_the
         optlora.export.export_merged(model, tmp_path / "merged")
 
 
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+def test_nonfinite_gradient_leaves_the_residual_untouched(on_nonfinite):
+    model = int8_mlp()
+    method, opt = run(model, {"residual_rank": 1, "on_nonfinite": on_nonfinite}, steps=3)
+    bad = method.factors[1]
+    before = {n: (r.left.clone(), r.right.clone(), r.dropped.clone()) for n, r in method.residuals.items()}
+    opt.zero_grad()
+    mlp_loss(model, mlp_batch()).backward()
+    bad.lora_A.grad[0, 0] = float("nan")
+    if on_nonfinite == "raise":
+        with pytest.raises(RuntimeError, match=r"non-finite.*model\.2\[default\]"):
+            opt.step()
+    else:
+        opt.step()
+        assert method.stats()["last_skipped_layers"] == [bad.name]
+    for name, (left, right, dropped) in before.items():
+        r = method.residuals[name]
+        same = torch.equal(r.left, left) and torch.equal(r.right, right) and torch.equal(r.dropped, dropped)
+        assert same == (on_nonfinite == "raise" or name == bad.name), name  # skip: the finite layer still merges
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "4"])
 def test_bad_residual_rank(bad):
     with pytest.raises(ValueError, match="residual_rank"):
