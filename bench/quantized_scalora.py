@@ -2,6 +2,7 @@
 
     python bench/quantized_scalora.py                                   # all runs, 300 steps (~30 min, 1 thread)
     python bench/quantized_scalora.py --steps 60 --runs lora scalora_exact scalora_r16
+    python bench/quantized_scalora.py --breakdown 16                    # where scalora_r16's step time goes
 
 The setting of docs/RESULTS.md section 2: the real all-MiniLM-L6-v2 on SST-2 (fresh classifier
 head), LoRA r=8, alpha=16 on every linear layer of the encoder, AdamW lr 1e-3 (6% linear warm-up,
@@ -46,6 +47,7 @@ import time
 import torch
 
 import optlora
+from optlora import residual
 from optlora.experiments import data as D
 from optlora.experiments.models import default_model
 
@@ -181,6 +183,47 @@ def timing(args, tensors) -> dict[str, list[float]]:
     return ratios
 
 
+def breakdown(args, tensors, rank: int, rounds: int = 7) -> dict[str, float]:
+    """Where ``scalora_r<rank>``'s time goes, against ``lora`` (CPU ms, medians over interleaved rounds)."""
+    batch = D.trim_padding({k: v[: args.batch_size] for k, v in tensors["train"].items()})
+    lora = setup("lora", args, 10**6, 1)[:3]
+    model, opt, sched, method, _ = setup(f"scalora_r{rank}", args, 10**6, 1)
+    for _ in range(3):
+        step(*lora, batch)
+        step(model, opt, sched, batch)
+
+    def timed(fn) -> float:
+        t0 = time.process_time()
+        fn()
+        return 1e3 * (time.process_time() - t0)
+
+    def forward_backward(active: bool):
+        for r in method.residuals.values():
+            r.active = active
+        model(**batch).loss.backward()
+        opt.zero_grad(set_to_none=True)
+        for r in method.residuals.values():
+            r.active = True
+
+    def fold_only():  # what a merge adds: fold a zero increment into every residual, grouped as the method does
+        for g in method._groups:
+            rs = [method.residuals[f.name] for f in g.factors]
+            left = torch.zeros(len(rs), *g.factors[0].lora_B.shape, dtype=torch.float64)
+            right = torch.stack([f.lora_A.detach() for f in g.factors])
+            residual.fold_(rs, left, right, method.compute_dtype)
+
+    cols: dict[str, list[float]] = {
+        k: [] for k in ("lora step", "residual step", "fwd+bwd", "fwd+bwd, no hook", "fold")
+    }
+    for _ in range(rounds):
+        cols["lora step"].append(timed(lambda: step(*lora, batch)))
+        cols["residual step"].append(timed(lambda: step(model, opt, sched, batch)))
+        cols["fwd+bwd"].append(timed(lambda: forward_backward(True)))
+        cols["fwd+bwd, no hook"].append(timed(lambda: forward_backward(False)))
+        cols["fold"].append(timed(fold_only))
+    return {k: statistics.median(v) for k, v in cols.items()}
+
+
 def train(run: str, args, tensors) -> dict:
     model, opt, sched, method, requant = setup(run, args, args.steps, args.method_warmup)
     float_base = run in ("scalora_exact", "scalora_requant")
@@ -242,6 +285,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--timing-rounds", type=int, default=7, help="interleaved timing rounds (0: skip; needs lora)")
+    ap.add_argument(
+        "--breakdown", type=int, default=None, metavar="R", help="only time where scalora_rR's step time goes, and exit"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
@@ -251,6 +297,14 @@ def main(argv=None) -> int:
     s, y = D.load_sst2("train", args.data_dir)
     ds, dy = D.load_sst2("dev", args.data_dir, args.eval_samples)
     tensors = {"train": D.encode_sst2(tok, s, y, args.max_len), "eval": D.encode_sst2(tok, ds, dy, args.max_len)}
+    if args.breakdown:
+        parts = breakdown(args, tensors, args.breakdown)
+        print(
+            f"CPU ms per step (median of 7 interleaved rounds), MiniLM SST-2 4-bit, r={args.rank}, R={args.breakdown}:"
+        )
+        for k, v in parts.items():
+            print(f"  {k:<18} {v:7.1f}")
+        return 0
     ratios = timing(args, tensors) if args.timing_rounds and "lora" in args.runs else {}
     rows = []
     for run in args.runs:
