@@ -2,11 +2,14 @@
 
     python bench/hook_time.py --model minilm
     python bench/hook_time.py --model tiny-llama --rank 16
+    python bench/hook_time.py --model tiny-llama --fsdp          # the FSDP2 path, one rank (gloo)
 
 After the warm-up, one backward pass provides gradients; the due pre-hook is then called
 ``--repeats`` times on them and the minimum and median are reported (the minimum is the
 least disturbed by other processes). For reference the same statistics are given for one
 plain ``AdamW.step()`` on the LoRA parameters. CPU only; on CUDA use ``bench_step.py``.
+``--fsdp`` shards every model with ``fully_shard`` on a one-rank gloo group first: the sharded
+code path (packing, the one collective, shard bookkeeping) without any other rank to wait for.
 """
 
 from __future__ import annotations
@@ -37,15 +40,28 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="reflora,reflora_s,scalora")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fsdp", action="store_true", help="shard with FSDP2 fully_shard (one rank, gloo)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.fsdp:
+        import tempfile
+
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"file://{tempfile.mkdtemp()}/pg", rank=0, world_size=1)
     spec = models.SPECS[args.model]
     batch = models.make_batch(spec, 4, 32, "cpu")
-    print(f"{spec.label()}, r={args.rank}, float32, threads={args.threads}, {args.repeats} calls")
+    print(f"{spec.label()}, r={args.rank}, float32, threads={args.threads}, {args.repeats} calls, fsdp={args.fsdp}")
     print(f"| {'what':28s} | min ms | median ms |")
     print("|---|---|---|")
     for kind in ["lora"] + args.methods.split(","):
         model = models.build(spec, rank=args.rank, dtype=torch.float32, device="cpu")
+        if args.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.get_base_model().model.layers:
+                fully_shard(block)
+            fully_shard(model)
         opt = torch.optim.AdamW(models.lora_parameters(model), lr=1e-5)
         method = make_method(kind, model, warmup_steps=1)
         if method is not None:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .distributed import is_dtensor
+
 SUPPORTED = (
     "PEFT LoRA layers on linear base layers (`Linear` incl. fan_in_fan_out / GPT-2 Conv1D, rsLoRA, several "
     "adapters; quantised bases such as bitsandbytes 4/8-bit)"
@@ -113,7 +115,8 @@ def _unsupported_reason(module: nn.Module, adapter: str, not_linear: tuple[type,
 def quantized_base(f: LoRAFactors) -> bool:
     """Whether ``f``'s base layer has no plain floating-point ``weight`` tensor (quantised, packed or absent)."""
     w = getattr(f.module.get_base_layer(), "weight", None)
-    return type(w) not in (torch.Tensor, nn.Parameter) or not w.is_floating_point()
+    plain = type(w) in (torch.Tensor, nn.Parameter) or is_dtensor(w)  # FSDP2 shards a float weight: not quantised
+    return not plain or not w.is_floating_point()
 
 
 def merge_problem(f: LoRAFactors) -> str | None:
@@ -135,8 +138,19 @@ def merge_problem(f: LoRAFactors) -> str | None:
     return None
 
 
+def _memory_key(t: torch.Tensor | None) -> tuple | None:
+    """What ``t``'s memory is known by: ``(device, storage pointer)``, an FSDP2 DTensor's identity, or ``None``."""
+    if t is None or t.device.type == "meta":
+        return None
+    if is_dtensor(t):
+        return ("dtensor", id(t))
+    return None if t.untyped_storage().nbytes() == 0 else (t.device, t.untyped_storage().data_ptr())
+
+
 def _byte_range(t: torch.Tensor) -> tuple[int, int]:
-    """``[start, end)`` of the bytes ``t`` can touch in its storage."""
+    """``[start, end)`` of the bytes ``t`` can touch in its storage (a DTensor: all of it)."""
+    if is_dtensor(t):
+        return 0, 1
     size = t.element_size()
     last = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else -1
     return t.storage_offset() * size, (t.storage_offset() + last + 1) * size
@@ -148,6 +162,8 @@ def shared_base_weights(model: nn.Module, factors: list[LoRAFactors]) -> dict[st
     Tied weights (``tie_word_embeddings``: ``lm_head.weight is embed_tokens.weight``) or one
     ``nn.Linear`` registered under two names: merging into such a weight (ScaLoRA) also changes
     the other module. Adapters of the same LoRA layer share their base weight legitimately.
+    FSDP2 parameters are compared by identity: ``fully_shard`` keeps a tied parameter as one DTensor,
+    and a rank's local shard may be empty, so its storage would tell nothing (and ranks would disagree).
     """
     owners: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
     paths: dict[int, list[str]] = {}  # a module reused under several names (shared layers) has several paths
@@ -155,19 +171,19 @@ def shared_base_weights(model: nn.Module, factors: list[LoRAFactors]) -> dict[st
         paths.setdefault(id(module), []).append(mod_name)
         for kind in (module.named_parameters(recurse=False), module.named_buffers(recurse=False)):
             for name, t in kind:
-                if t is None or t.device.type == "meta" or t.untyped_storage().nbytes() == 0:
-                    continue
-                key = (t.device, t.untyped_storage().data_ptr())
-                owners.setdefault(key, []).append((f"{mod_name}.{name}" if mod_name else name, t))
+                key = _memory_key(t)
+                if key is not None:
+                    owners.setdefault(key, []).append((f"{mod_name}.{name}" if mod_name else name, t))
     out: dict[str, list[str]] = {}
     for f in factors:
         w = f.base_weight
-        if w.device.type == "meta":
+        key = _memory_key(w)
+        if key is None:
             continue
         own = [f"{p}." if p else "" for p in paths.get(id(f.module), [])]
         lo, hi = _byte_range(w)
         others = []
-        for name, t in owners.get((w.device, w.untyped_storage().data_ptr()), []):
+        for name, t in owners.get(key, []):
             a, b = _byte_range(t)
             # this LoRA layer's own base layer (through ``base_layer``, possibly nested) is not a share
             mine = any(name.startswith(o) and set(name[len(o) :].split(".")[:-1]) <= {"base_layer"} for o in own)

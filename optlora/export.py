@@ -33,6 +33,7 @@ from .residual import attach as attach_residual
 from .residual import residuals_of
 
 STATE_FILE = "optlora_state.pt"  # same name as optlora.hf.STATE_FILE (hf is not imported here)
+SHARDED_STATE = "optlora_state.dcp"  # optlora.hf.SHARDED_STATE: an FSDP2 run's state, one shard per rank
 _TASK_TO_AUTO = {
     "CAUSAL_LM": "AutoModelForCausalLM",
     "SEQ_CLS": "AutoModelForSequenceClassification",
@@ -317,6 +318,15 @@ def load_trained(checkpoint: str, base: str, *, task: str | None = None, dtype: 
     auto = getattr(transformers, _TASK_TO_AUTO.get(str(task).upper(), "AutoModel"))
     model = peft.PeftModel.from_pretrained(auto.from_pretrained(base, **_dtype_kw(dtype)), checkpoint)
     state_file = os.path.join(checkpoint, STATE_FILE)
-    if os.path.isfile(state_file):
+    sharded = os.path.join(checkpoint, SHARDED_STATE)
+    if os.path.isdir(sharded):  # written by every rank of an FSDP2 run: read whole here
+        import warnings
+
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+        with warnings.catch_warnings():  # "no process group: loading in one process" is the intent here
+            warnings.simplefilter("ignore", UserWarning)
+            apply_method_state(model, _load_state_dict_from_keys(checkpoint_id=sharded))
+    elif os.path.isfile(state_file):
         apply_method_state(model, torch.load(state_file, map_location="cpu", weights_only=True))
     return model, auto

@@ -37,12 +37,33 @@ from .methods import LoRAMethod
 from .optimizer_state import unwrap_optimizer
 
 STATE_FILE = "optlora_state.pt"
+#: the folder of a sharded (FSDP2) method state, written by every rank with torch.distributed.checkpoint
+SHARDED_STATE = "optlora_state.dcp"
 
-__all__ = ["STATE_FILE", "OptLoRACallback", "OptLoRAMixin", "OptLoRATrainer", "callback", "load_state", "save_state"]
+__all__ = [
+    "SHARDED_STATE",
+    "STATE_FILE",
+    "OptLoRACallback",
+    "OptLoRAMixin",
+    "OptLoRATrainer",
+    "callback",
+    "load_state",
+    "save_state",
+]
 
 
 def save_state(method: LoRAMethod, directory: str | os.PathLike) -> str:
-    """Write ``method.state_dict()`` to ``directory/optlora_state.pt``; returns the file path."""
+    """Write ``method.state_dict()`` to ``directory/optlora_state.pt``; returns the file path.
+
+    FSDP2 (``method.sharded``): call it on every rank; each rank writes its shards with
+    ``torch.distributed.checkpoint`` into the folder ``directory/optlora_state.dcp``.
+    """
+    if method.sharded:
+        import torch.distributed.checkpoint as dcp
+
+        path = os.path.join(directory, SHARDED_STATE)
+        dcp.save(method.state_dict(), checkpoint_id=path)
+        return path
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, STATE_FILE)
     torch.save(method.state_dict(), path)
@@ -50,8 +71,20 @@ def save_state(method: LoRAMethod, directory: str | os.PathLike) -> str:
 
 
 def read_state(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Read a saved method state (a checkpoint folder or the ``optlora_state.pt`` file itself)."""
+    """Read a saved method state (a checkpoint folder or the ``optlora_state.pt`` file itself).
+
+    A sharded (FSDP2) state folder ``optlora_state.dcp`` is read whole, into this process.
+    """
     path = os.fspath(path)
+    sharded = path if path.endswith(SHARDED_STATE) else os.path.join(path, SHARDED_STATE)
+    if os.path.isdir(sharded):
+        import warnings
+
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+        with warnings.catch_warnings():  # "no process group: loading in one process" is the intent here
+            warnings.simplefilter("ignore", UserWarning)
+            return _load_state_dict_from_keys(checkpoint_id=sharded)
     if os.path.isdir(path):
         path = os.path.join(path, STATE_FILE)
     if not os.path.isfile(path):
@@ -60,8 +93,46 @@ def read_state(path: str | os.PathLike, map_location="cpu") -> dict:
 
 
 def load_state(method: LoRAMethod, path: str | os.PathLike) -> None:
-    """Restore ``method`` (counters, ScaLoRA's base weights, buffers, RNG) from a checkpoint folder or file."""
+    """Restore ``method`` (counters, ScaLoRA's base weights, buffers, RNG) from a checkpoint folder or file.
+
+    FSDP2: call it on every rank; each rank reads only its shards of a sharded state (any
+    number of ranks may have written it), or its blocks of a whole one.
+    """
+    sharded = os.path.join(os.fspath(path), SHARDED_STATE)
+    if method.sharded and os.path.isdir(sharded):
+        import torch.distributed.checkpoint as dcp
+
+        state = _template(method.state_dict(), dcp.FileSystemReader(sharded).read_metadata())
+        dcp.load(state, checkpoint_id=sharded)
+        method.load_state_dict(state)
+        return
     method.load_state_dict(read_state(path))
+
+
+def _template(live: dict, metadata) -> dict:
+    """What DCP should load: every saved entry, a tensor laid out as the live one (this rank's shard) if any.
+
+    Built from the checkpoint's metadata, so entries the live method does not hold yet (e.g. the
+    rounding generator before its first merge) are loaded too; ``load_state_dict`` validates them.
+    """
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    out: dict = {}
+    for fqn, meta in metadata.state_dict_metadata.items():
+        path = metadata.planner_data[fqn]
+        node, have = out, live
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+            have = have.get(key, {}) if isinstance(have, dict) else {}
+        current = have.get(path[-1]) if isinstance(have, dict) else None
+        if isinstance(meta, TensorStorageMetadata):
+            if isinstance(current, torch.Tensor) and tuple(current.shape) == tuple(meta.size):
+                node[path[-1]] = torch.empty_like(current)
+            else:
+                node[path[-1]] = torch.empty(meta.size, dtype=meta.properties.dtype)
+        else:
+            node[path[-1]] = current  # non-tensor values are replaced by the saved ones
+    return out
 
 
 def _is_main(args) -> bool:
@@ -89,7 +160,7 @@ class OptLoRACallback(TrainerCallback):
         if self.resume_from is not None:
             return self.resume_from
         candidate = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if os.path.isfile(os.path.join(candidate, STATE_FILE)):
+        if os.path.isfile(os.path.join(candidate, STATE_FILE)) or os.path.isdir(os.path.join(candidate, SHARDED_STATE)):
             return candidate
         raise RuntimeError(
             f"the Trainer resumed at global step {state.global_step}, but {candidate}/{STATE_FILE} does not exist, "
@@ -121,7 +192,7 @@ class OptLoRACallback(TrainerCallback):
 
     # -------------------------------------------------------------- save
     def on_save(self, args, state, control, **kwargs):
-        if _is_main(args):
+        if _is_main(args) or self.method.sharded:  # FSDP2: every rank writes its shards
             save_state(self.method, os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
         return control
 
@@ -131,7 +202,10 @@ class OptLoRACallback(TrainerCallback):
             warnings.warn(note, UserWarning, stacklevel=2)
         # Trainer reloaded the best adapter: bring ScaLoRA's merged base weights back to the same step.
         best = state.best_model_checkpoint
-        if getattr(args, "load_best_model_at_end", False) and best and os.path.isfile(os.path.join(best, STATE_FILE)):
+        saved = best and (
+            os.path.isfile(os.path.join(best, STATE_FILE)) or os.path.isdir(os.path.join(best, SHARDED_STATE))
+        )
+        if getattr(args, "load_best_model_at_end", False) and saved:
             load_state(self.method, best)
         return control
 

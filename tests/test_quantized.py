@@ -248,6 +248,23 @@ def test_nonfinite_gradient_leaves_the_residual_untouched(on_nonfinite):
         assert same == (on_nonfinite == "raise" or name == bad.name), name  # skip: the finite layer still merges
 
 
+def test_residuals_under_fsdp2_are_refused_before_anything_is_touched(monkeypatch):
+    """Residuals are whole tensors beside whole base layers; FSDP2-sharded factors are refused (at attach, or at
+    the next due step when the model was sharded after attach), with RefLoRA named as the alternative."""
+    model = int8_mlp()
+    method, opt = run(model, {"residual_rank": 2}, steps=2)
+    monkeypatch.setattr(optlora.ScaLoRA, "sharded", property(lambda self: True))
+    opt.zero_grad()
+    mlp_loss(model, mlp_batch()).backward()
+    before = [r.dense().clone() for r in method.residuals.values()]
+    with pytest.raises(RuntimeError, match="FSDP2.*optlora.RefLoRA"):
+        method._plan_all(method._active_groups())
+    assert all(torch.equal(b, r.dense()) for b, r in zip(before, method.residuals.values()))
+    method.detach()
+    with pytest.raises(RuntimeError, match="FSDP2"):
+        method.attach(opt)
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "4"])
 def test_bad_residual_rank(bad):
     with pytest.raises(ValueError, match="residual_rank"):

@@ -23,20 +23,28 @@ one sync), and on every step it refuses adapters merged by PEFT's ``merge_adapte
 evaluates a ``step(closure)`` closure first (:mod:`optlora.methods.guards`).
 
 Subclasses implement ``_plan`` (or ``_plan_all``) and ``_apply`` only; every read and write of a
-parameter goes through :class:`optlora.methods.layers.LayerGroup`.
+parameter goes through :class:`optlora.methods.layers.LayerGroup`. Under FSDP2 the groups are
+:class:`optlora.methods.sharded.ShardedLayerGroup`: before *plan*, one ``all_gather`` per due step
+brings every rank the same Grams, norms, row and moment maxima, non-finite flags and ``lora_A`` rows
+(:func:`optlora.methods.sharded.exchange_`), so every closed form and guard sees the single-process
+inputs; before the one host sync, one all-reduce ANDs the per-layer flags over the ranks, so every rank
+skips, raises and applies the same layers. The plain-step NaN/Inf check reads each rank's shards and
+ANDs its flags the same way.
 """
 
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import torch
 
 from ..discovery import find_lora_factors
-from ..distributed import check_not_sharded
+from ..distributed import check_sharding, is_dtensor
 from ..optimizer_state import moment_tensors, require_moment_rule, unwrap_optimizer
 from . import guards
-from .layers import LayerGroup, group_factors
+from .layers import LayerGroup
+from .sharded import ShardedLayerGroup, and_over_ranks, exchange_, group_layers, release_
 
 _ATTACHED = "_optlora_method"
 
@@ -53,6 +61,8 @@ class LoRAMethod:
     _quantized_ok = False
     #: materialise per-layer scales to full shape in ``_rescale_group_`` (None: on CUDA only)
     _full_scales: bool | None = None
+    #: what ``_plan`` reads per layer (``optlora.methods.sharded.READS``): sizes the FSDP2 exchange
+    reads = "grams"
 
     def __init__(
         self,
@@ -77,11 +87,11 @@ class LoRAMethod:
         self.interval = interval
         self.on_nonfinite = on_nonfinite
         self.compute_dtype = compute_dtype
-        check_not_sharded(model)  # FSDP / ZeRO-3: refuse with advice (optlora.distributed)
+        check_sharding(model)  # FSDP1 / ZeRO-3 / HSDP: refuse with advice (optlora.distributed)
         self.factors = find_lora_factors(
             model, mergeable=self.merges, skip_unsupported=skip_unsupported, quantized_ok=self._quantized_ok
         )
-        self._groups = group_factors(self.factors)
+        self._groups = group_layers(self.factors)
         self.optimizer: torch.optim.Optimizer | None = None
         self._rule: dict[str, int] | None = None
         self._handle = None
@@ -92,6 +102,12 @@ class LoRAMethod:
         self._last_skipped: dict[str, str] = {}  # name -> reason, last due step
         self.skipped = dict.fromkeys(guards.REASONS, 0)  # layer-steps skipped so far, by reason
         self._warned_range = False
+        self._exchange_bytes = 0  # FSDP2: bytes this rank sent in the last step's collective
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the model's LoRA parameters are FSDP2 shards (DTensors) now."""
+        return any(is_dtensor(f.lora_A) for f in self.factors)
 
     # ------------------------------------------------------------------ wiring
     def attach(self, optimizer) -> LoRAMethod:
@@ -99,7 +115,8 @@ class LoRAMethod:
         if self._handle is not None:
             raise RuntimeError(f"{type(self).__name__} is already attached to an optimizer; call detach() first")
         opt = unwrap_optimizer(optimizer)
-        check_not_sharded(self.model, opt)  # the model may have been wrapped (FSDP) after construction
+        check_sharding(self.model, opt)  # the model may have been wrapped (FSDP) after construction
+        self._groups = group_layers(self.factors)  # ... e.g. sharded by fully_shard (FSDP2): DTensor groups
         other = getattr(opt, _ATTACHED, None)
         if other is not None and other is not self:
             raise RuntimeError(f"this optimizer already has {type(other).__name__} attached; detach it first")
@@ -147,7 +164,11 @@ class LoRAMethod:
         groups = self._active_groups() if self.is_due(step) else []
         if not groups:
             if self.on_nonfinite == "raise":  # warm-up and between intervals too: one fused reduction, one sync
-                bad = guards.nonfinite_layers(self.factors)
+                sharded = [g for g in self._current_groups(every=False) if isinstance(g, ShardedLayerGroup)]
+                # FSDP2: every rank reads its shards; the per-layer flags are ANDed over the ranks before the sync
+                bad = guards.nonfinite_layers(
+                    self.factors, agree=partial(and_over_ranks, groups=sharded) if sharded else None
+                )
                 if bad:
                     raise guards.nonfinite_error(type(self).__name__, bad)
             self.steps = step
@@ -155,31 +176,52 @@ class LoRAMethod:
         with torch.no_grad():
             # everything that can refuse the step runs before the first parameter is touched
             self._check_moments(groups)
-            plans = self._plan_all(groups)
-            flags = self._host_flags(plans)  # the one sync: (finite, ok, in_range) per layer
-            names = [f.name for g in groups for f in g.factors]
-            if self.on_nonfinite == "raise" and not all(finite for finite, _, _ in flags):
-                raise guards.nonfinite_error(type(self).__name__, [n for n, fl in zip(names, flags) if not fl[0]])
-            start = 0
-            for g, p in zip(groups, plans):
-                keep = [ok for _, ok, _ in flags[start : start + len(g)]]
-                start += len(g)
-                if all(keep):
-                    self._apply(g, p)
-                elif any(keep):
-                    self._apply(*_restrict(g, p, keep))
+            # FSDP2: one all_gather brings every rank the same Grams, norms, row maxima, moment maxima and flags
+            # of all sharded layers (optlora.methods.sharded.exchange_; bytes this rank sent); plain groups: nothing
+            self._exchange_bytes = exchange_(
+                groups, self.compute_dtype, self.reads, self.merges, self._moment_rule_of_step()
+            )
+            try:
+                plans = self._plan_all(groups)
+                flags = self._host_flags(groups, plans)  # the one sync: (finite, ok, in_range) per layer
+                names = [f.name for g in groups for f in g.factors]
+                if self.on_nonfinite == "raise" and not all(finite for finite, _, _ in flags):
+                    raise guards.nonfinite_error(type(self).__name__, [n for n, fl in zip(names, flags) if not fl[0]])
+                start = 0
+                for g, p in zip(groups, plans):
+                    keep = [ok for _, ok, _ in flags[start : start + len(g)]]
+                    start += len(g)
+                    if all(keep):
+                        self._apply(g, p)
+                    elif any(keep):
+                        self._apply(*_restrict(g, p, keep))
+            finally:
+                release_(groups)
         self.steps = step
         self._record(plans, names, flags)
         return replaced
 
-    @staticmethod
-    def _host_flags(plans: list[dict[str, torch.Tensor]]) -> list[tuple[bool, bool, bool]]:
-        """Per layer ``(finite, ok, in_range)`` on the host, with one device sync for all groups."""
+    def _host_flags(
+        self, groups: list[LayerGroup], plans: list[dict[str, torch.Tensor]]
+    ) -> list[tuple[bool, bool, bool]]:
+        """Per layer ``(finite, ok, in_range)`` on the host, with one device sync for all groups.
+
+        Under FSDP2 the flags are first ANDed over the ranks (one all-reduce MIN of this small tensor,
+        :func:`optlora.methods.sharded.and_over_ranks`) and written back into the plans, so every rank skips and
+        applies the same layers even where a guard reads this rank's rows of a planned tensor
+        (RefLoRA's preconditioned ``lora_B.grad``).
+        """
         cols = []
         for p in plans:
             in_range = p.get("in_range", torch.ones_like(p["ok"]))
             cols.append(torch.stack([p["finite"], p["ok"] & p["finite"] & in_range, in_range], 1))
-        return [tuple(row) for row in torch.cat(cols).tolist()]
+        table = and_over_ranks(torch.cat(cols), groups)
+        if any(isinstance(g, ShardedLayerGroup) for g in groups):
+            for p, part in zip(plans, table.split([len(g) for g in groups])):
+                p["finite"], p["ok"], p["in_range"] = part.unbind(1)
+                if "column" in p:
+                    p["column"] = p["column"] & p["ok"]
+        return [tuple(row) for row in table.tolist()]
 
     def _record(self, plans, names: list[str], flags: list[tuple[bool, bool, bool]]) -> None:
         """Stats of a due step: skipped layers with their reason, counts; ``method_steps`` if any layer applied."""
@@ -207,16 +249,31 @@ class LoRAMethod:
     def _range_advice(self) -> str:
         return "Check the scale of the factors (compute_dtype=torch.float64 has the widest range)."
 
+    def _current_groups(self, every: bool = True) -> list[LayerGroup]:
+        """All layer groups, rebuilt if the model was sharded by ``fully_shard`` (or unsharded) since they were built.
+
+        ``every=False`` (plain steps, where a parameter lookup per adapter is a visible cost) looks at the
+        first adapter only; due steps look at every adapter, and regrouping refuses a partly sharded model.
+        """
+        sharded = self.sharded if every else bool(self.factors) and is_dtensor(self.factors[0].lora_A)
+        if sharded != any(isinstance(g, ShardedLayerGroup) for g in self._groups):
+            self._groups = group_layers(self.factors)
+        return self._groups
+
     def _active_groups(self) -> list[LayerGroup]:
         """Groups restricted to adapters that received a gradient this step."""
         out = []
-        for g in self._groups:
+        for g in self._current_groups():
             live = [f for f in g.factors if f.lora_A.grad is not None and f.lora_B.grad is not None]
             if len(live) == len(g.factors):
                 out.append(g)
             elif live:
-                out.append(LayerGroup(live))
+                out.append(g.subset(live))
         return out
+
+    def _moment_rule_of_step(self) -> tuple[torch.optim.Optimizer, dict[str, int]] | None:
+        """The optimizer and moment rule whose moments a rescaling multiplies (range guards read them), if any."""
+        return (self.optimizer, self._rule) if self.optimizer is not None and self._rule is not None else None
 
     def _plan(self, group: LayerGroup) -> dict[str, torch.Tensor]:
         """Closed forms for one group; must return at least bool masks ``finite`` and ``ok``."""
@@ -257,8 +314,9 @@ class LoRAMethod:
             guards.multiplier_limits(r["lora_B"], 1, dB, keep_normal=True),
             guards.multiplier_limits(r["grad_A"], 1, dA),
         ]
-        if self.optimizer is not None and self._rule is not None:
-            for (which, power, dtype), a in group.moment_amax(self.optimizer, self._rule).items():
+        moments = self._moment_rule_of_step()
+        if moments is not None:
+            for (which, power, dtype), a in group.moment_amax(*moments).items():
                 (lim_beta if which == "grad_A" else lim_alpha).append(
                     guards.multiplier_limits(a[:, None], power, dtype)
                 )
@@ -310,6 +368,8 @@ class LoRAMethod:
         note = self.never_applied_note()
         if note:
             out["note"] = note
+        if self._exchange_bytes:
+            out["exchange_bytes"] = self._exchange_bytes
         return out
 
     def never_applied_note(self, planned_steps: int | None = None) -> str | None:
@@ -334,7 +394,8 @@ class LoRAMethod:
 
 
 def _restrict(group: LayerGroup, plan: dict[str, torch.Tensor], keep: list[bool]) -> tuple[LayerGroup, dict]:
-    """The layers of ``group`` (and rows of ``plan``) with ``keep`` True."""
+    """The layers of ``group`` with ``keep`` True, as a group of the same kind (FSDP2: with the step's exchanged
+    tensors of those layers), and the same rows of ``plan``."""
     idx = [i for i, k in enumerate(keep) if k]
     index = torch.tensor(idx, device=next(iter(plan.values())).device)
-    return LayerGroup([group.factors[i] for i in idx]), {k: v.index_select(0, index) for k, v in plan.items()}
+    return group.restrict(idx), {k: v.index_select(0, index) for k, v in plan.items()}

@@ -12,15 +12,23 @@ that are not closed forms of the papers:
 * **floating-point range** (:func:`multiplier_limits`, :func:`within_limits`): a rescaling is
   applied only if every factor, gradient and optimizer moment it multiplies stays finite and
   every factor row stays in the normal range of its dtype.
+
+Under FSDP2 every check reads this rank's shards (:func:`optlora.distributed.local`, never a
+DTensor collective per tensor); what the range guards need of the whole tensors (row and moment
+maxima, weight norms) arrives in the step's one exchange, and the per-layer flags are ANDed over
+the ranks before the host sync (:mod:`optlora.methods.sharded`), so every rank raises, skips and
+applies the same layers.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
+
+from ..distributed import local
 
 #: skip reasons reported by ``stats()``
 NONFINITE, OUT_OF_RANGE, DEGENERATE = "nonfinite", "out_of_range", "degenerate"
@@ -91,13 +99,14 @@ def amax(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Largest absolute entry of each tensor (NaN if it holds a NaN) as float64 ``(len,)``.
 
     Per device and dtype one fused reduction (a maximum cannot overflow), one stack and one cast:
-    no per-tensor kernels on CUDA.
+    no per-tensor kernels on CUDA. An empty tensor (an FSDP2 rank that holds no rows of it) gives 0.
     """
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype), []).append(i)
+        if t.numel():
+            groups.setdefault((t.device, t.dtype), []).append(i)
     if not groups:
-        return torch.zeros(0, dtype=torch.float64)
+        return torch.zeros(len(tensors), dtype=torch.float64, device=tensors[0].device if tensors else None)
     parts, order = [], []
     for (device, _), idx in groups.items():
         ts = [tensors[i] for i in idx]
@@ -110,29 +119,49 @@ def amax(tensors: list[torch.Tensor]) -> torch.Tensor:
         order += idx
     device = parts[0].device
     values = torch.cat([part.to(device) for part in parts])
+    if len(order) < len(tensors):  # empty tensors: 0
+        out = torch.zeros(len(tensors), dtype=torch.float64, device=device)
+        return out.index_copy_(0, torch.tensor(order, device=device), values)
     if order != sorted(order):
         values = values[torch.tensor(order, device=device).argsort()]
     return values
 
 
-def nonfinite_layers(factors) -> list[str]:
+def nonfinite_layers(factors, agree: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[str]:
     """Names of the adapters whose ``lora_A``/``lora_B`` or their gradients hold NaN/Inf.
 
     One fused max-abs reduction per device and dtype (:func:`amax`; NaN propagates through the
-    maximum, Inf is its own maximum, a maximum cannot overflow) and one device sync.
+    maximum, Inf is its own maximum, a maximum cannot overflow) and one device sync. FSDP2
+    shards are read locally (no DTensor collective per tensor); ``agree`` (e.g.
+    :func:`optlora.methods.sharded.and_over_ranks`) then ANDs the per-layer flags over the ranks
+    on the device before the sync, so that every rank finds the same layers, a NaN in another
+    rank's shard included. With ``agree`` every rank must call this (it is a collective).
     """
     tensors, owner = [], []
-    for f in factors:
+    for i, f in enumerate(factors):
         for t in (f.lora_A, f.lora_B, f.lora_A.grad, f.lora_B.grad):
             if t is not None:
-                tensors.append(t.detach())
-                owner.append(f.name)
-    if not tensors:
-        return []
-    finite = torch.isfinite(amax(tensors))
+                tensors.append(t.detach() if agree is None else local(t).detach())
+                owner.append(i)
+    if agree is None:
+        if not tensors:
+            return []
+        finite = torch.isfinite(amax(tensors))
+        if bool(finite.all()):  # the one sync
+            return []
+        return list(dict.fromkeys(factors[i].name for i, ok in zip(owner, finite.tolist()) if not ok))
+    # per layer (a layout every rank shares, whichever gradients exist), then ANDed over the ranks
+    values = amax(tensors) if tensors else torch.zeros(0, dtype=torch.float64, device=factors[0].lora_A.device)
+    bad = (~torch.isfinite(values)).to(torch.float64)
+    if len(tensors) == 4 * len(factors):  # every gradient exists: a regular layout, no index tensor
+        per_layer = bad.view(len(factors), 4).sum(1)
+    else:
+        index = torch.tensor(owner, device=values.device, dtype=torch.long)
+        per_layer = torch.zeros(len(factors), dtype=torch.float64, device=values.device).index_add_(0, index, bad)
+    finite = agree(per_layer == 0)
     if bool(finite.all()):  # the one sync
         return []
-    return list(dict.fromkeys(n for n, ok in zip(owner, finite.tolist()) if not ok))
+    return [f.name for f, ok in zip(factors, finite.tolist()) if not ok]
 
 
 def nonfinite_error(method: str, names: list[str]) -> RuntimeError:

@@ -18,6 +18,7 @@ import torch
 
 from .. import merge, residual
 from ..discovery import LoRAFactors, quantized_base
+from ..distributed import is_dtensor, local
 from ..functional import Rescaling
 from ..optimizer_state import moment_tensors
 from .guards import amax
@@ -69,6 +70,14 @@ class LayerGroup:
     def __len__(self) -> int:
         return len(self.factors)
 
+    def subset(self, factors: list[LoRAFactors]) -> LayerGroup:
+        """A group of the same kind holding only ``factors`` (e.g. the adapters that received a gradient)."""
+        return type(self)(factors)
+
+    def restrict(self, idx: list[int]) -> LayerGroup:
+        """The adapters ``idx`` of this group, as a group of the same kind (e.g. the layers a step applies to)."""
+        return self.subset([self.factors[i] for i in idx])
+
     @property
     def rank(self) -> int:
         return self.factors[0].rank
@@ -116,6 +125,15 @@ class LayerGroup:
         """``||A||_F^2`` and ``||B||_F^2`` per layer."""
         return stacked.A.square().sum((1, 2)), stacked.B.square().sum((1, 2))
 
+    def row_amax(self, stacked: Stacked) -> dict[str, torch.Tensor]:
+        """Largest |entry| of each rank index (``(L, r)`` each): rows of ``lora_A``, ``grad_A``, columns of ``lora_B``, ``grad_B``."""
+        return {
+            "lora_A": stacked.A.abs().amax(-1),
+            "grad_A": stacked.gA.abs().amax(-1),
+            "lora_B": stacked.B.abs().amax(1),
+            "grad_B": stacked.gB.abs().amax(1),
+        }
+
     def pair_grams(self, dtype: torch.dtype) -> PairGrams:
         """Grams of ``S^A = [A, dA]``, ``S^B = [dB, B]`` in effective coordinates, per-layer finiteness and row maxima.
 
@@ -131,29 +149,18 @@ class LayerGroup:
             finite = torch.isfinite(gram_SA.diagonal(dim1=1, dim2=2).sum(1) + gram_SB.diagonal(dim1=1, dim2=2).sum(1))
         else:
             finite = finite_rows(XA, XB)
-        L, r = XA.shape[0], XA.shape[1] // 2
-        root_s = self.scalings(dtype).sqrt()[:, None].expand(L, r)
+        return PairGrams(*self.effective_pair_grams(gram_SA, gram_SB), finite, XA.abs().amax(-1), XB.abs().amax(1))
+
+    def effective_pair_grams(self, gram_SA: torch.Tensor, gram_SB: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw pair Grams to effective coordinates: the blocks of ``lora_A`` and ``lora_B`` times ``sqrt(s)`` each."""
+        L, r = gram_SA.shape[0], gram_SA.shape[1] // 2
+        root_s = self.scalings(gram_SA.dtype).sqrt()[:, None].expand(L, r)
         ones = torch.ones_like(root_s)
         dA, dB = torch.cat([root_s, ones], 1), torch.cat([ones, root_s], 1)
-        return PairGrams(
-            gram_SA * (dA[:, :, None] * dA[:, None, :]),
-            gram_SB * (dB[:, :, None] * dB[:, None, :]),
-            finite,
-            XA.abs().amax(-1),
-            XB.abs().amax(1),
-        )
+        return gram_SA * (dA[:, :, None] * dA[:, None, :]), gram_SB * (dB[:, :, None] * dB[:, None, :])
 
-    def weight_norms(self, residuals: dict[str, residual.LowRankResidual] | None = None) -> torch.Tensor:
-        """``||W||_F`` of every adapter's base weight, ``(L,)`` in float32 or better (one fused reduction).
-
-        An adapter with a low-rank residual (quantised base) gives ``||W_q||_F + ||U V||_F``, a bound on
-        the norm of the weight it stands for (:class:`optlora.residual.LowRankResidual`).
-        """
-        if residuals and self.factors[0].name in residuals:  # groups are all-residual or none (group_factors)
-            rs = [residuals[f.name] for f in self.factors]
-            return torch.stack([r.base_norm + r.norm for r in rs]).to(
-                torch.promote_types(rs[0].left.dtype, torch.float32)
-            )
+    def weight_norms(self) -> torch.Tensor:
+        """``||W||_F`` of every adapter's base weight, ``(L,)`` in float32 or better (one fused reduction)."""
         weights = [f.base_weight.detach() for f in self.factors]
         dtype = torch.promote_types(weights[0].dtype, torch.float32)
         return torch.stack(torch._foreach_norm(weights, 2, dtype=dtype))
@@ -169,7 +176,7 @@ class LayerGroup:
             keys = []
             for p, which in ((f.lora_A, "grad_A"), (f.lora_B, "grad_B")):
                 for t, power in moment_tensors(optimizer, rule, p):
-                    tensors.append(t)
+                    tensors.append(local(t))  # FSDP2: this rank's shard (the exchange takes the max over ranks)
                     keys.append((which, power, t.dtype))
             per_layer.append(keys)
         if not tensors:
@@ -212,6 +219,16 @@ class LayerGroup:
         half-precision storage is rounded once. ``full_scales`` materialises the per-layer scales
         to full shape so that the multi-tensor CUDA fast path applies (float32 tensors).
         """
+        tensors, scales, _ = self._rescale_operands(rescaling, optimizer, rule, full_scales)
+        torch._foreach_mul_(tensors, scales)
+
+    def _rescale_operands(
+        self, rescaling: Rescaling, optimizer, rule, full_scales: bool
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[bool]]:
+        """Every tensor :meth:`rescale_` multiplies, its broadcastable scale and whether it is ``lora_A``'s side.
+
+        ``lora_A``-side scales are (r, 1) (the rank index is ``lora_A``'s row), ``lora_B``-side (1, r).
+        """
         cast: dict[tuple, torch.Tensor] = {}
         first = self.factors[0]
         shape_A, shape_B = (len(self.factors), *first.lora_A.shape), (len(self.factors), *first.lora_B.shape)
@@ -227,7 +244,7 @@ class LayerGroup:
                 cast[key] = t.expand(shape_A if row else shape_B).contiguous() if full_scales else t
             return cast[key]
 
-        tensors, scales = [], []
+        tensors, scales, sides = [], [], []
         for i, f in enumerate(self.factors):
             for t, which in (
                 (f.lora_A, "lora_A"),
@@ -237,13 +254,15 @@ class LayerGroup:
             ):
                 tensors.append(t)
                 scales.append(scale(which, t.dtype)[i])
+                sides.append(which in ("lora_A", "grad_A"))
             if optimizer is None or rule is None:
                 continue
             for p, which in ((f.lora_A, "grad_A"), (f.lora_B, "grad_B")):
                 for t, power in moment_tensors(optimizer, rule, p):
                     tensors.append(t)
                     scales.append(scale(which, t.dtype, power)[i])
-        torch._foreach_mul_(tensors, scales)
+                    sides.append(which == "grad_A")
+        return tensors, scales, sides
 
     def merge_(
         self,
@@ -252,18 +271,9 @@ class LayerGroup:
         mode: str,
         buffers: dict[str, torch.Tensor],
         generator,
-        residuals: dict[str, residual.LowRankResidual] | None = None,
-        compute_dtype: torch.dtype = torch.float64,
     ) -> None:
-        """``W_l += s_l lora_B_l diag(coeff_l) lora_A_l`` into every adapter's base weight (ScaLoRA Sec. 3.1).
-
-        Adapters listed in ``residuals`` (quantised bases) add the increment to their low-rank
-        residual instead (:func:`optlora.residual.fold_`, batched over those adapters).
-        """
-        folded = [i for i, f in enumerate(self.factors) if residuals and f.name in residuals]
+        """``W_l += s_l lora_B_l diag(coeff_l) lora_A_l`` into every adapter's base weight (ScaLoRA Sec. 3.1)."""
         for i, f in enumerate(self.factors):
-            if residuals and f.name in residuals:
-                continue
             w = f.base_weight
             merge.merge_low_rank_(
                 w.data,
@@ -276,12 +286,16 @@ class LayerGroup:
                 buffer=buffers.get(f.name),
                 generator=generator(w.device),
             )
-        if folded:
-            fs = [self.factors[i] for i in folded]
-            scale = self.scalings(coeff.dtype)[folded][:, None] * coeff[folded]  # (L', r): s_l * coeff_l
-            left = torch.stack([f.lora_B.detach() for f in fs]).to(coeff.dtype) * scale[:, None, :]
-            right = torch.stack([f.lora_A.detach() for f in fs])
-            residual.fold_([residuals[f.name] for f in fs], left, right, compute_dtype)
+
+    def fold_into_residuals_(
+        self, coeff: torch.Tensor, residuals: list[residual.LowRankResidual], compute_dtype: torch.dtype
+    ) -> None:
+        """``U_l V_l <- rank-R truncation of (U_l V_l + s_l lora_B_l diag(coeff_l) lora_A_l)``: ScaLoRA's merge
+        (Sec. 3.1) for adapters on quantised bases, into their low-rank residuals (:func:`optlora.residual.fold_`)."""
+        scale = self.scalings(coeff.dtype)[:, None] * coeff  # (L, r): s_l * coeff_l
+        left = torch.stack([f.lora_B.detach() for f in self.factors]).to(coeff.dtype) * scale[:, None, :]
+        right = torch.stack([f.lora_A.detach() for f in self.factors])
+        residual.fold_(residuals, left, right, compute_dtype)
 
 
 def group_factors(factors: list[LoRAFactors]) -> list[LayerGroup]:
@@ -290,5 +304,13 @@ def group_factors(factors: list[LoRAFactors]) -> list[LayerGroup]:
     for f in factors:
         key = (f.lora_A.device, f.lora_A.dtype, f.lora_B.dtype, tuple(f.lora_A.shape), tuple(f.lora_B.shape))
         key += (quantized_base(f),)  # merged into the weight or into a residual: never in one group
+        if is_dtensor(f.lora_A) or is_dtensor(f.lora_B):  # FSDP2: also the mesh and every placement
+            w = f.base_weight
+            mesh = getattr(f.lora_A, "device_mesh", None)
+            key += (id(mesh), _placements(f.lora_A), _placements(f.lora_B), _placements(w), f.fan_in_fan_out)
         groups[key].append(f)
     return [LayerGroup(v) for v in groups.values()]
+
+
+def _placements(t: torch.Tensor) -> tuple | None:
+    return tuple(str(p) for p in t.placements) if is_dtensor(t) else None

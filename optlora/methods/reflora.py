@@ -76,6 +76,7 @@ class RefLoRA(LoRAMethod):
     ):
         self.scalar = bool(scalar)
         self.transfers_moments = self.scalar
+        self.reads = "sqnorms" if self.scalar else "grams"
         self.name = "reflora_s" if self.scalar else "reflora"
         super().__init__(model, warmup_steps=warmup_steps, interval=interval, **kwargs)
         self.rank_tol = check_rank_tol(
@@ -98,13 +99,7 @@ class RefLoRA(LoRAMethod):
             for g, st in zip(groups, parts):
                 s, ok = reflora_s_scale(*g.factor_sqnorms(st))
                 alpha, beta = reflora_s_factor_scalings(s, g.rank)
-                rows = {
-                    "lora_A": st.A.abs().amax(-1),
-                    "grad_A": st.gA.abs().amax(-1),
-                    "lora_B": st.B.abs().amax(1),
-                    "grad_B": st.gB.abs().amax(1),
-                }
-                in_range = self._rescaling_in_range(g, alpha, beta, rows)
+                in_range = self._rescaling_in_range(g, alpha, beta, g.row_amax(st))
                 plans.append({"finite": st.finite, "ok": ok & st.finite & in_range, "in_range": in_range, "s": s})
             return plans
         refs: list = [None] * len(parts)

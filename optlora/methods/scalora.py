@@ -24,6 +24,7 @@ import torch
 
 from .. import merge, residual
 from ..discovery import quantized_base
+from ..distributed import copy_into_, is_dtensor, shard_like
 from ..functional import chain_rule_rescaling, scalora_merge_coefficient, scalora_merge_growth, scalora_scalings
 from . import guards
 from .base import LoRAMethod
@@ -73,6 +74,7 @@ class ScaLoRA(LoRAMethod):
     #: most 2.6 at kappa=10 on SmolLM2-135M; up to ~25 at kappa=10 on small random Llamas (docs/RELIABILITY.md)
     merge_f32_units = 32.0
     merge_growth_half = 4.0
+    reads = "pair"
 
     def __init__(
         self,
@@ -126,6 +128,26 @@ class ScaLoRA(LoRAMethod):
             out["residual_rank"] = self.residual_rank
         return out
 
+    def attach(self, optimizer) -> ScaLoRA:
+        self._refuse_sharded_residuals()
+        super().attach(optimizer)
+        # a model sharded by fully_shard after construction: merge buffers follow their weights' blocks
+        sharded: dict[int, torch.Tensor] = {}  # adapters of one weight share one buffer
+        for f in self.factors:
+            buf = self.buffers.get(f.name)
+            if buf is not None and is_dtensor(f.base_weight) and not is_dtensor(buf):
+                if id(buf) not in sharded:
+                    sharded[id(buf)] = shard_like(buf, f.base_weight)
+                self.buffers[f.name] = sharded[id(buf)]
+        return self
+
+    def _refuse_sharded_residuals(self) -> None:
+        if self.residuals and self.sharded:
+            raise RuntimeError(
+                "ScaLoRA(residual_rank=...) keeps whole low-rank residuals beside quantised base layers and does not "
+                "support FSDP2-sharded LoRA factors yet; on a sharded quantised model use optlora.RefLoRA"
+            )
+
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
@@ -138,6 +160,7 @@ class ScaLoRA(LoRAMethod):
         (``in_range``): the rescaled factors, gradients and moments are finite and the merge keeps
         the model's function to rounding (:meth:`_merge_in_range`). Other layers are not touched.
         """
+        self._refuse_sharded_residuals()  # (sharded after attach): before anything is read or written
         grams = [g.pair_grams(self.compute_dtype) for g in groups]
         plans: list = [None] * len(groups)
         buckets: dict[tuple, list[int]] = {}
@@ -177,7 +200,11 @@ class ScaLoRA(LoRAMethod):
         f = group.factors[0]
         coeff = scalora_merge_coefficient(alpha, beta)
         gram_A, gram_B = pg.gram_SA[:, :r, :r], pg.gram_SB[:, r:, r:]
-        weight_norm = group.weight_norms(self.residuals).to(gram_A.dtype)
+        if f.name in self.residuals:  # ||W_q|| + ||U V|| bounds the weight the layer stands for (homogeneous groups)
+            res = [self.residuals[g.name] for g in group.factors]
+            weight_norm = torch.stack([x.base_norm + x.norm for x in res]).to(gram_A.dtype)
+        else:
+            weight_norm = group.weight_norms().to(gram_A.dtype)
         growth = scalora_merge_growth(gram_A, gram_B, alpha, beta, weight_norm)
         before = weight_norm + (gram_A * gram_B).sum((-2, -1)).clamp_min(0).sqrt()
         # the merge target: the base weight, or (quantised base) the float32 residual
@@ -210,14 +237,10 @@ class ScaLoRA(LoRAMethod):
         # float64 before a single rounding, so neither a bf16/float32 rounding nor a float32 overflow of the
         # coefficient (tiny factors: alpha*beta > 3e38 while lora_B * coefficient is moderate) reaches the weight
         coeff = scalora_merge_coefficient(alpha.double(), beta.double())
-        group.merge_(
-            coeff,
-            mode=self.merge_precision,
-            buffers=self.buffers,
-            generator=self._generator,
-            residuals=self.residuals,
-            compute_dtype=self.compute_dtype,
-        )
+        if group.factors[0].name in self.residuals:  # quantised bases (groups are homogeneous: group_factors)
+            group.fold_into_residuals_(coeff, [self.residuals[f.name] for f in group.factors], self.compute_dtype)
+        else:
+            group.merge_(coeff, mode=self.merge_precision, buffers=self.buffers, generator=self._generator)
         self._rescale_group_(group, chain_rule_rescaling(alpha, beta))
 
     # ------------------------------------------------------------------ state
@@ -251,9 +274,9 @@ class ScaLoRA(LoRAMethod):
                 if f.name in self.residuals:
                     self.residuals[f.name].load_state_dict(state["residuals"][f.name])
                     continue
-                f.base_weight.copy_(state["base_weights"][f.name])
+                copy_into_(f.base_weight, state["base_weights"][f.name])  # FSDP2: this rank's block
                 if f.name in self.buffers:
-                    self.buffers[f.name].copy_(state["buffers"][f.name])
+                    copy_into_(self.buffers[f.name], state["buffers"][f.name])
         for dev, st in state.get("rng", {}).items():
             self._generator(torch.device(dev)).set_state(st.cpu() if isinstance(st, torch.Tensor) else st)
 

@@ -67,6 +67,35 @@ def test_amax_is_fused_ordered_and_propagates_nan():
     assert guards.amax([]).numel() == 0
 
 
+def test_amax_of_empty_tensors_is_zero():
+    """An FSDP2 rank may hold no rows of a factor or moment: its maximum is 0 (the max over ranks is unchanged)."""
+    ts = [torch.zeros(0, 4), torch.tensor([-2.0, 1.0]), torch.zeros(3, 0, dtype=torch.bfloat16), torch.tensor([5.0])]
+    assert guards.amax(ts).tolist() == [0.0, 2.0, 0.0, 5.0]
+    assert guards.amax([torch.zeros(0)]).tolist() == [0.0]
+
+
+@pytest.mark.parametrize("missing_grad", [False, True])
+def test_nonfinite_layers_agree_sees_per_layer_flags_and_decides(missing_grad):
+    """With ``agree`` (FSDP2: AND over the ranks) the per-layer flags go through it before the sync, in the
+    layout every rank shares whichever gradients exist, and its answer decides: here another rank found a NaN."""
+    model = tiny_mlp()
+    method = optlora.RefLoRA(model)
+    forward_backward(model, mlp_loss, mlp_batch())
+    if missing_grad:
+        method.factors[0].lora_A.grad = None
+    seen = []
+
+    def other_rank_found_nan_in_layer_1(flags):
+        seen.append(flags.clone())
+        return flags & (torch.arange(len(flags)) != 1)
+
+    bad = guards.nonfinite_layers(method.factors, agree=other_rank_found_nan_in_layer_1)
+    assert seen[0].dtype == torch.bool and seen[0].tolist() == [True] * len(method.factors)
+    assert bad == [method.factors[1].name]
+    method.factors[0].lora_B.grad.view(-1)[0] = math.nan  # and this rank's own NaN
+    assert guards.nonfinite_layers(method.factors, agree=lambda flags: flags) == [method.factors[0].name]
+
+
 @pytest.mark.parametrize("name", list(METHODS))
 @pytest.mark.parametrize("where", ["warmup", "between"])
 def test_nonfinite_gradient_on_a_plain_step_raises_before_anything_changes(name, where):
