@@ -4,8 +4,9 @@
     python examples/train_trainer.py --method scalora --resume              # continue from the last checkpoint
     python examples/train_trainer.py --model HuggingFaceTB/SmolLM2-135M --jsonl data/gsm8k/train.jsonl
 
-Checkpoints hold the PEFT adapter *and* ``optlora_state.pt`` (ScaLoRA's merged base weights); at the
-end a ScaLoRA run is exported as a standard LoRA adapter by truncated SVD (``optlora.export``).
+Checkpoints and the final ``model.save_pretrained`` hold a standard PEFT adapter (for ScaLoRA: the
+accumulated update for the original base, by truncated SVD, its error stated beside it) *and*
+``optlora_state.safetensors`` (the exact state to resume from); see ``optlora.persist``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import torch
 from example_utils import add_lora, common_args, load_model, make_method, texts
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-import optlora.export
 import optlora.hf
 
 
@@ -59,12 +59,9 @@ def main(argv=None) -> int:
     trainer.train(resume_from_checkpoint=args.resume or None)
     if method is not None:
         print("optlora:", method.stats())
-    if method is not None and method.merges:  # ScaLoRA changed the base weights: ship the update as an adapter
-        original, _ = load_model(args.model)  # same seed/config (or the same hub weights) as the base
-        report = optlora.export.export_adapter(model, original, os.path.join(args.output_dir, "adapter"), tol=0.05)
-        print(report.summary())
-    else:
-        model.save_pretrained(os.path.join(args.output_dir, "adapter"))  # a standard PEFT adapter
+    # a standard PEFT adapter for the original base (ScaLoRA: its accumulated update, optlora_export.json says
+    # how exactly), loadable with PeftModel.from_pretrained(base, "adapter"), plus the exact state to resume
+    model.save_pretrained(os.path.join(args.output_dir, "adapter"))
     return 0
 
 

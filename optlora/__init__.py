@@ -10,9 +10,12 @@ Layout: :mod:`optlora.functional` (every closed form, pure), :mod:`optlora.metho
 machine and one file per method, plus the registry), :mod:`optlora.merge` and
 :mod:`optlora.optimizer_state` (in-place updates), :mod:`optlora.discovery` (PEFT), and the
 integrations on top: :mod:`optlora.hf`, :mod:`optlora.export`, :mod:`optlora.distributed`, the CLI.
+
+Importing optlora installs :mod:`optlora.persist`: every method built on a ``PeftModel`` guards that
+model's ``save_pretrained`` / ``load_adapter``, so the usual saving and resuming paths stay right.
 """
 
-from . import functional
+from . import functional, persist
 from .discovery import LoRAFactors, find_lora_factors
 from .methods import LoRAMethod, RefLoRA, ScaledGD, ScaLoRA, make_method, method_names, register_method
 from .optimizer_state import register_moment_rule
@@ -29,6 +32,7 @@ __all__ = [
     "functional",
     "make_method",
     "method_names",
+    "persist",
     "register_method",
     "register_moment_rule",
 ]

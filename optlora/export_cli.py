@@ -11,7 +11,9 @@ import sys
 
 import torch
 
-from .export import _dtype_kw, export_adapter, export_merged, load_trained
+from . import checkpoint as checkpoint_io
+from . import persist, rebuild
+from .export import _TASK_TO_AUTO, _dtype_kw, export_adapter, export_merged
 
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -20,9 +22,9 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "export",
         help="export a trained checkpoint: full merged model or a compressed PEFT LoRA adapter",
-        description="Export a trained checkpoint: the full merged model, or its update as a small standard PEFT LoRA adapter. Uses the PEFT adapter and optlora_state.pt of a Trainer checkpoint.",
+        description="Export a trained checkpoint: the full merged model, or its update as a small standard PEFT LoRA adapter. Rebuilds the trained model exactly from the optlora_state.safetensors of a checkpoint (or its PEFT adapter when there is none).",
     )
-    p.add_argument("--checkpoint", default=None, help="checkpoint folder (PEFT adapter [+ optlora_state.pt])")
+    p.add_argument("--checkpoint", default=None, help="checkpoint folder (PEFT adapter [+ optlora_state.safetensors])")
     p.add_argument("--base", default=None, help="original pretrained model: hub id or local path")
     p.add_argument("--out", default=None, help="output folder")
     p.add_argument(
@@ -37,6 +39,25 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=tuple(_DTYPES), default="auto", help="dtype to load the base model in")
     p.add_argument("--report-json", default=None, help="also write the adapter export report to this JSON file")
     p.set_defaults(func=run)
+
+
+def load_trained(checkpoint: str, base: str, *, task: str | None = None, dtype: torch.dtype | None = None):
+    """Rebuild a trained model exactly: ``base`` (hub id or path) + the checkpoint's optlora state and adapter.
+
+    Returns ``(peft_model, auto_class)`` (:func:`optlora.persist.rebuild`).
+    """
+    import peft
+    import transformers
+
+    if task is None and os.path.isfile(os.path.join(checkpoint, "adapter_config.json")):
+        cfg = peft.PeftConfig.from_pretrained(checkpoint)
+        task = cfg.task_type.value if hasattr(cfg.task_type, "value") else cfg.task_type
+    elif task is None:  # e.g. an FSDP2 Trainer checkpoint: the live PEFT configuration is in the optlora state
+        configs = rebuild.peft_configs(checkpoint_io.find_state(checkpoint))
+        task = next((c.get("task_type") for c in configs.values() if c.get("task_type")), None)
+    task = task or "FEATURE_EXTRACTION"
+    auto = getattr(transformers, _TASK_TO_AUTO.get(str(task).upper(), "AutoModel"))
+    return persist.rebuild(auto.from_pretrained(base, **_dtype_kw(dtype)), checkpoint), auto
 
 
 def run(args) -> int:

@@ -10,12 +10,16 @@ The callback attaches ``method`` to the optimizer the Trainer builds (``on_train
 accelerate's ``AcceleratedOptimizer`` is unwrapped). The method runs in the optimizer's
 step pre-hook, i.e. once per *optimizer* step (after gradient accumulation), after
 Trainer's gradient clipping (``max_grad_norm``) and AMP unscaling, and before the LR
-scheduler step, so all of these behave exactly as without optlora.
+scheduler step, so all of these act as without optlora, on the gradients of the LoRA factors
+(what ScaLoRA's rescaled factors change for ``max_grad_norm``: README, docs/PERFORMANCE.md).
 
-On every checkpoint the callback writes ``method.state_dict()`` (step counters and, for
-ScaLoRA, the merged base weights, merge buffers and rounding RNG state, which the PEFT
-adapter checkpoint does not contain) to ``<checkpoint>/optlora_state.pt``. On resume it
-reloads it from the checkpoint the Trainer resumed from: found automatically for
+Every checkpoint is complete without the callback's help: the Trainer saves it with
+``model.save_pretrained``, which a method built on a ``PeftModel`` guards (:mod:`optlora.persist`):
+a standard PEFT adapter (for ScaLoRA, the accumulated update for the original base) plus
+``optlora_state.safetensors`` with the exact method state. On resume the Trainer calls
+``model.load_adapter``, which the same guard turns into an exact restore. The callback writes the
+state itself only where no guard did (a method built on a module that is not a ``PeftModel``), and
+on resume restores it where the guard has not already: found automatically for
 ``resume_from_checkpoint=True`` and for checkpoints inside ``args.output_dir``; for a
 checkpoint elsewhere pass ``callback(method, resume_from=path)`` or use
 :class:`OptLoRATrainer` (or :class:`OptLoRAMixin` with your own Trainer class), which
@@ -29,16 +33,13 @@ from __future__ import annotations
 import os
 import warnings
 
-import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from . import checkpoint, persist
+from .checkpoint import SHARDED_STATE, STATE_FILE, read_state
 from .methods import LoRAMethod
 from .optimizer_state import unwrap_optimizer
-
-STATE_FILE = "optlora_state.pt"
-#: the folder of a sharded (FSDP2) method state, written by every rank with torch.distributed.checkpoint
-SHARDED_STATE = "optlora_state.dcp"
 
 __all__ = [
     "SHARDED_STATE",
@@ -48,91 +49,38 @@ __all__ = [
     "OptLoRATrainer",
     "callback",
     "load_state",
+    "read_state",
     "save_state",
 ]
 
 
 def save_state(method: LoRAMethod, directory: str | os.PathLike) -> str:
-    """Write ``method.state_dict()`` to ``directory/optlora_state.pt``; returns the file path.
+    """Write ``method``'s exact state to ``directory/optlora_state.safetensors``; returns its path.
 
     FSDP2 (``method.sharded``): call it on every rank; each rank writes its shards with
-    ``torch.distributed.checkpoint`` into the folder ``directory/optlora_state.dcp``.
+    ``torch.distributed.checkpoint`` into the folder ``directory/optlora_state.dcp`` (:mod:`optlora.checkpoint`).
     """
-    if method.sharded:
-        import torch.distributed.checkpoint as dcp
-
-        path = os.path.join(directory, SHARDED_STATE)
-        dcp.save(method.state_dict(), checkpoint_id=path)
-        return path
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, STATE_FILE)
-    torch.save(method.state_dict(), path)
-    return path
-
-
-def read_state(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Read a saved method state (a checkpoint folder or the ``optlora_state.pt`` file itself).
-
-    A sharded (FSDP2) state folder ``optlora_state.dcp`` is read whole, into this process.
-    """
-    path = os.fspath(path)
-    sharded = path if path.endswith(SHARDED_STATE) else os.path.join(path, SHARDED_STATE)
-    if os.path.isdir(sharded):
-        import warnings
-
-        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-
-        with warnings.catch_warnings():  # "no process group: loading in one process" is the intent here
-            warnings.simplefilter("ignore", UserWarning)
-            return _load_state_dict_from_keys(checkpoint_id=sharded)
-    if os.path.isdir(path):
-        path = os.path.join(path, STATE_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no optlora method state at {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    guard = persist.guard_of(method)
+    if guard is not None and guard.method is method:
+        return guard.write_state(method.model, os.fspath(directory))
+    return checkpoint.save_state(method, directory)
 
 
 def load_state(method: LoRAMethod, path: str | os.PathLike) -> None:
-    """Restore ``method`` (counters, ScaLoRA's base weights, buffers, RNG) from a checkpoint folder or file.
+    """Restore ``method`` from a checkpoint folder or state (everything checked before anything is written).
 
-    FSDP2: call it on every rank; each rank reads only its shards of a sharded state (any
-    number of ranks may have written it), or its blocks of a whole one.
+    FSDP2: call it on every rank; each rank reads only its shards of a sharded state (any number of
+    ranks may have written it), or its blocks of a whole one.
     """
-    sharded = os.path.join(os.fspath(path), SHARDED_STATE)
-    if method.sharded and os.path.isdir(sharded):
-        import torch.distributed.checkpoint as dcp
-
-        state = _template(method.state_dict(), dcp.FileSystemReader(sharded).read_metadata())
-        dcp.load(state, checkpoint_id=sharded)
-        method.load_state_dict(state)
-        return
-    method.load_state_dict(read_state(path))
+    checkpoint.load_state(method, path)
 
 
-def _template(live: dict, metadata) -> dict:
-    """What DCP should load: every saved entry, a tensor laid out as the live one (this rank's shard) if any.
-
-    Built from the checkpoint's metadata, so entries the live method does not hold yet (e.g. the
-    rounding generator before its first merge) are loaded too; ``load_state_dict`` validates them.
-    """
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    out: dict = {}
-    for fqn, meta in metadata.state_dict_metadata.items():
-        path = metadata.planner_data[fqn]
-        node, have = out, live
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-            have = have.get(key, {}) if isinstance(have, dict) else {}
-        current = have.get(path[-1]) if isinstance(have, dict) else None
-        if isinstance(meta, TensorStorageMetadata):
-            if isinstance(current, torch.Tensor) and tuple(current.shape) == tuple(meta.size):
-                node[path[-1]] = torch.empty_like(current)
-            else:
-                node[path[-1]] = torch.empty(meta.size, dtype=meta.properties.dtype)
-        else:
-            node[path[-1]] = current  # non-tensor values are replaced by the saved ones
-    return out
+def _restored_from(method: LoRAMethod, folder: str) -> bool:
+    """Whether the guard's ``load_adapter`` already restored ``method`` exactly from ``folder``."""
+    guard = persist.guard_of(method)
+    return bool(
+        guard is not None and guard.method is method and guard.loaded_from == (os.path.abspath(folder), method.steps)
+    )
 
 
 def _is_main(args) -> bool:
@@ -160,10 +108,11 @@ class OptLoRACallback(TrainerCallback):
         if self.resume_from is not None:
             return self.resume_from
         candidate = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if os.path.isfile(os.path.join(candidate, STATE_FILE)) or os.path.isdir(os.path.join(candidate, SHARDED_STATE)):
+        if checkpoint.find_state(candidate) is not None:
             return candidate
         raise RuntimeError(
-            f"the Trainer resumed at global step {state.global_step}, but {candidate}/{STATE_FILE} does not exist, "
+            f"the Trainer resumed at global step {state.global_step}, but {candidate} holds no {STATE_FILE} (or, "
+            f"under FSDP2, {SHARDED_STATE}), "
             "so the optlora method state (step counters; ScaLoRA's merged base weights) cannot be restored. Pass the "
             "checkpoint folder: optlora.hf.callback(method, resume_from=path), or use optlora.hf.OptLoRATrainer."
         )
@@ -180,8 +129,13 @@ class OptLoRACallback(TrainerCallback):
         if note:  # e.g. max_steps=50 with warmup_steps=100: the run would silently be plain LoRA
             warnings.warn(note, UserWarning, stacklevel=2)
         if state.global_step > 0:  # Trainer resets the state unless it resumes from a checkpoint
-            ckpt = self._checkpoint_for(args, state)
-            load_state(m, ckpt)
+            guard = persist.guard_of(m)
+            if guard is not None and guard.method is m and guard.loaded_from and m.steps == state.global_step:
+                ckpt = guard.loaded_from[0]  # the Trainer's load_adapter restored the method exactly
+            else:
+                ckpt = self._checkpoint_for(args, state)
+                if not _restored_from(m, ckpt):
+                    load_state(m, ckpt)
             self.loaded_from = ckpt
             if m.steps > state.global_step:
                 raise RuntimeError(
@@ -192,8 +146,12 @@ class OptLoRACallback(TrainerCallback):
 
     # -------------------------------------------------------------- save
     def on_save(self, args, state, control, **kwargs):
-        if _is_main(args) or self.method.sharded:  # FSDP2: every rank writes its shards
-            save_state(self.method, os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if self.method.sharded:  # FSDP2: every rank writes its shards (the Trainer saves no guarded adapter state)
+            save_state(self.method, folder)
+        # the guarded save_pretrained has written it already, unless the model is not a guarded PeftModel
+        elif _is_main(args) and checkpoint.state_steps(folder) != self.method.steps:
+            save_state(self.method, folder)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -202,11 +160,9 @@ class OptLoRACallback(TrainerCallback):
             warnings.warn(note, UserWarning, stacklevel=2)
         # Trainer reloaded the best adapter: bring ScaLoRA's merged base weights back to the same step.
         best = state.best_model_checkpoint
-        saved = best and (
-            os.path.isfile(os.path.join(best, STATE_FILE)) or os.path.isdir(os.path.join(best, SHARDED_STATE))
-        )
-        if getattr(args, "load_best_model_at_end", False) and saved:
-            load_state(self.method, best)
+        if getattr(args, "load_best_model_at_end", False) and best and checkpoint.find_state(best) is not None:
+            if not _restored_from(self.method, best):
+                load_state(self.method, best)
         return control
 
 

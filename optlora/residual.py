@@ -34,6 +34,8 @@ from .functional import low_rank_sqnorm, truncate_low_rank
 
 #: attribute of a base layer holding ``{adapter: LowRankResidual}``
 ATTR = "optlora_residuals"
+#: the tensors of :meth:`LowRankResidual.state_dict` (a method state's ``residuals`` entry per adapter)
+STATE_KEYS = ("left", "right", "dropped", "merged")
 
 
 class LowRankResidual:
@@ -82,7 +84,7 @@ class LowRankResidual:
         return output + y.to(output.dtype)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"left": self.left, "right": self.right, "dropped": self.dropped, "merged": self.merged}
+        return {key: getattr(self, key) for key in STATE_KEYS}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("left", "right"):

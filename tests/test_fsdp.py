@@ -35,7 +35,7 @@ def _spawn(tmp_path_factory, world: int, names: list[str]) -> pathlib.Path:
 
     root = tmp_path_factory.getbasetemp().parent / f"fsdp{world}"
     with FileLock(str(root) + ".lock"):
-        if not (root / "done").exists():
+        if not (root / "done").exists() and not (root / "log").exists():  # one try: a rerun would meet its rendezvous
             root.mkdir(exist_ok=True)
             env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
             proc = subprocess.run(

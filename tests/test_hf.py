@@ -134,13 +134,46 @@ def test_resume_is_bit_exact(tmp_path):
     _assert_bit_equal(resumed3, full)
 
 
-def test_resume_without_method_state_is_refused(tmp_path):
-    _run(tmp_path / "a", steps=3)
-    with pytest.raises(RuntimeError, match="resume_from"):
-        _run(tmp_path / "d", resume=str(tmp_path / "a" / "checkpoint-3"))
+def test_resume_from_anywhere_needs_no_resume_from_and_a_missing_state_is_refused(tmp_path):
+    full, _ = _run(tmp_path / "a")
+    # outside output_dir, callback only: the Trainer's load_adapter goes through the guard, which restores exactly
+    resumed, method = _run(tmp_path / "d", resume=str(tmp_path / "a" / "checkpoint-3"))
+    assert method.steps == 6
+    _assert_bit_equal(resumed, full)
     (tmp_path / "a" / "checkpoint-3" / optlora.hf.STATE_FILE).unlink()
-    with pytest.raises(RuntimeError, match="cannot be restored"):
-        _run(tmp_path / "a", resume=True)
+    with pytest.raises(RuntimeError, match="holds no optlora_state"):
+        _run(tmp_path / "e", resume=str(tmp_path / "a" / "checkpoint-3"))
+
+
+def test_trainer_checkpoint_loads_in_plain_peft_to_the_stated_error(tmp_path):
+    """The adapter of a Trainer checkpoint is the accumulated update: plain PEFT on the original base gets the
+    trained model to the error stated beside it (per layer in test_persist), not the 'adapter without the
+    merged increments' that PEFT's own save would give."""
+    import json
+
+    import peft
+    from eco_helpers import tiny_llama
+
+    model, method = _run(tmp_path, steps=3)  # checkpoint-3 is the final state
+    ckpt = tmp_path / "checkpoint-3"
+    stated = json.loads((ckpt / "optlora_export.json").read_text())["rel_error"]
+    assert 0 < stated <= optlora.persist.DEFAULT_TOL and method.method_steps == 2
+    type(model).save_pretrained(model, tmp_path / "live")  # PEFT's own save, for comparison
+    ids = TokenDataset(n=4).ids
+    with torch.no_grad():
+        want = model.eval()(input_ids=ids).logits
+        got = peft.PeftModel.from_pretrained(tiny_llama(seed=5), ckpt).eval()(input_ids=ids).logits
+        live = peft.PeftModel.from_pretrained(tiny_llama(seed=5), tmp_path / "live").eval()(input_ids=ids).logits
+    err, err_live = float((got - want).abs().max()), float((live - want).abs().max())
+    assert err < 0.02 * err_live, (err, err_live)
+
+
+def test_a_trainer_without_the_callback_refuses_to_train_plain_lora(tmp_path):
+    model = tiny_peft(seed=5)
+    optlora.ScaLoRA(model, warmup_steps=1)  # built, but nothing attaches it to the Trainer's optimizer
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=TokenDataset(n=8))
+    with pytest.raises(RuntimeError, match="not attached"):
+        trainer.train()
 
 
 def test_load_best_model_at_end_restores_that_method_state(tmp_path):
@@ -165,7 +198,8 @@ def test_load_best_model_at_end_restores_that_method_state(tmp_path):
     saved = optlora.hf.read_state(trainer.state.best_model_checkpoint)
     assert method.steps == 2
     for f in method.factors:
-        assert torch.equal(f.base_weight, saved["base_weights"][f.name])
+        assert torch.equal(f.base_weight, saved["base_weights"][f.name.rsplit("[", 1)[0]])
+        assert torch.equal(f.lora_A, saved["factors"][f.name]["lora_A"])
 
 
 def test_run_shorter_than_warmup_warns_at_start_and_end(tmp_path):

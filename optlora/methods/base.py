@@ -30,11 +30,19 @@ brings every rank the same Grams, norms, row and moment maxima, non-finite flags
 inputs; before the one host sync, one all-reduce ANDs the per-layer flags over the ranks, so every rank
 skips, raises and applies the same layers. The plain-step NaN/Inf check reads each rank's shards and
 ANDs its flags the same way.
+
+A method *claims* its model when it is built and when it is attached (:mod:`optlora.methods.claims`):
+an optimizer that steps the model's LoRA parameters without the method attached then raises instead
+of silently training plain LoRA, and :mod:`optlora.persist` installs its save/load guard.
+``load_state_dict`` is transactional (:mod:`optlora.methods.state`): names, shapes, dtypes, method,
+config, counters and skip counts of the whole state are checked (under FSDP2 on every rank, and the
+ranks agree) before anything is written.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from functools import partial
 
 import torch
@@ -42,14 +50,18 @@ import torch
 from ..discovery import find_lora_factors
 from ..distributed import check_sharding, is_dtensor
 from ..optimizer_state import moment_tensors, require_moment_rule, unwrap_optimizer
-from . import guards
+from . import claims, guards
+from .claims import on_claim, owner_of
 from .layers import LayerGroup
 from .sharded import ShardedLayerGroup, and_over_ranks, exchange_, group_layers, release_
+from .state import agree_over_ranks, check_counters, check_tensors
+
+__all__ = ["LoRAMethod", "check_tensors", "on_claim", "owner_of"]
 
 _ATTACHED = "_optlora_method"
 
 
-class LoRAMethod:
+class LoRAMethod(metaclass=claims.ClaimsOnBuild):
     """Base class: warm-up, interval, attach/detach, checks, state_dict and stats."""
 
     name = "lora"
@@ -133,9 +145,12 @@ class LoRAMethod:
         self.optimizer = opt
         self._handle = opt.register_step_pre_hook(self._pre_step)
         setattr(opt, _ATTACHED, self)
+        claims.attached(self, optimizer)  # and claims the model
         return self
 
     def detach(self) -> None:
+        """Stop applying the method; the optimizer may then train the model as plain LoRA."""
+        claims.detached(self)
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
@@ -296,31 +311,9 @@ class LoRAMethod:
     def _rescaling_in_range(
         self, group: LayerGroup, alpha: torch.Tensor, beta: torch.Tensor, rows: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        """Per layer: the chain-rule rescaling keeps every tensor it multiplies finite, and factor rows normal.
-
-        ``alpha`` multiplies ``lora_A``'s rows and ``lora_B.grad``'s columns, ``beta`` ``lora_B``'s
-        columns and ``lora_A.grad``'s rows, and the moments by the power of their rule
-        (:func:`optlora.functional.chain_rule_rescaling`). ``rows`` holds the largest |entry| of each
-        rank index of ``lora_A``, ``grad_A``, ``lora_B``, ``grad_B`` (``(L, r)``).
-        """
-        f = group.factors[0]
-        dA, dB = f.lora_A.dtype, f.lora_B.dtype
-        r = {k: v.to(torch.float64) for k, v in rows.items()}
-        lim_alpha = [
-            guards.multiplier_limits(r["lora_A"], 1, dA, keep_normal=True),
-            guards.multiplier_limits(r["grad_B"], 1, dB),
-        ]
-        lim_beta = [
-            guards.multiplier_limits(r["lora_B"], 1, dB, keep_normal=True),
-            guards.multiplier_limits(r["grad_A"], 1, dA),
-        ]
-        moments = self._moment_rule_of_step()
-        if moments is not None:
-            for (which, power, dtype), a in group.moment_amax(*moments).items():
-                (lim_beta if which == "grad_A" else lim_alpha).append(
-                    guards.multiplier_limits(a[:, None], power, dtype)
-                )
-        return guards.within_limits(alpha, lim_alpha) & guards.within_limits(beta, lim_beta)
+        """Per layer: the chain-rule rescaling keeps every tensor it multiplies finite, and factor rows normal
+        (:func:`optlora.methods.guards.rescaling_in_range`, with the moments of the attached optimizer)."""
+        return guards.rescaling_in_range(group, alpha, beta, rows, self._moment_rule_of_step())
 
     def _check_moments(self, groups: list[LayerGroup]) -> None:
         """Refuse optimizer state a rescaling cannot transfer exactly, before anything is modified."""
@@ -336,14 +329,39 @@ class LoRAMethod:
         return {"method": self.name, "warmup_steps": self.warmup_steps, "interval": self.interval}
 
     def state_dict(self) -> dict:
-        """Counters and configuration (subclasses add what they own). Tensors are not copied."""
-        return {"config": self.config(), "steps": self.steps, "method_steps": self.method_steps}
+        """Configuration, step counters and the guards' skip counts (subclasses add what they own).
 
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("config") != self.config():
-            raise ValueError(f"state_dict was saved with config {state.get('config')}, this method has {self.config()}")
+        Tensors are not copied. What only describes the last due step (``stats()['last_*']``) and the
+        once-per-process range warning are not part of the state.
+        """
+        return {
+            "config": self.config(),
+            "steps": self.steps,
+            "method_steps": self.method_steps,
+            "skipped": dict(self.skipped),
+        }
+
+    def check_state_dict(self, state: Mapping) -> None:
+        """Raise ``ValueError`` unless ``state`` fits this method and model; writes nothing.
+
+        Subclasses extend it with their tensors; :meth:`load_state_dict` runs it on every rank (FSDP2).
+        """
+        check_counters(state, self.config())
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore a :meth:`state_dict`; everything is checked (:meth:`check_state_dict`) before anything is written.
+
+        FSDP2: call it on every rank (the ranks agree on the check: one rank's refusal is everyone's).
+        """
+        mesh = self.factors[0].lora_A.device_mesh if self.factors and self.sharded else None
+        agree_over_ranks(lambda: self.check_state_dict(state), mesh)
+        self._write_state(state)
+
+    def _write_state(self, state: Mapping) -> None:
+        """Write a checked state (subclasses write their tensors first, then call this)."""
         self.steps = int(state["steps"])
         self.method_steps = int(state["method_steps"])
+        self.skipped = {r: int(state.get("skipped", {}).get(r, 0)) for r in guards.REASONS}
 
     def stats(self) -> dict:
         """What happened so far.
@@ -374,19 +392,7 @@ class LoRAMethod:
 
     def never_applied_note(self, planned_steps: int | None = None) -> str | None:
         """A sentence if the method was never applied in ``self.steps`` steps (or cannot be in ``planned_steps``)."""
-        if planned_steps is not None and planned_steps <= self.warmup_steps:
-            return (
-                f"{type(self).__name__} will never be applied: the run has {planned_steps} optimizer steps and "
-                f"warmup_steps={self.warmup_steps} (plain LoRA steps first). Lower warmup_steps."
-            )
-        if self.steps > 0 and self.method_steps == 0:
-            why = (
-                f"all {self.steps} steps were warm-up (warmup_steps={self.warmup_steps})"
-                if self.steps <= self.warmup_steps
-                else f"every layer was skipped on every due step (stats()['skipped']: {self.skipped})"
-            )
-            return f"{type(self).__name__} has not been applied in {self.steps} optimizer steps: {why}; this was plain LoRA."
-        return None
+        return guards.never_applied_note(self, planned_steps)
 
     def __repr__(self) -> str:
         cfg = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "method")

@@ -204,6 +204,25 @@ def evaluate_closure(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     return args, {**kwargs, "closure": evaluated}
 
 
+# ---------------------------------------------------------------------------------------- misuse
+def never_applied_note(method, planned_steps: int | None = None) -> str | None:
+    """A sentence if ``method`` was never applied in its ``steps`` steps (or cannot be in ``planned_steps``)."""
+    name = type(method).__name__
+    if planned_steps is not None and planned_steps <= method.warmup_steps:
+        return (
+            f"{name} will never be applied: the run has {planned_steps} optimizer steps and "
+            f"warmup_steps={method.warmup_steps} (plain LoRA steps first). Lower warmup_steps."
+        )
+    if method.steps > 0 and method.method_steps == 0:
+        why = (
+            f"all {method.steps} steps were warm-up (warmup_steps={method.warmup_steps})"
+            if method.steps <= method.warmup_steps
+            else f"every layer was skipped on every due step (stats()['skipped']: {method.skipped})"
+        )
+        return f"{name} has not been applied in {method.steps} optimizer steps: {why}; this was plain LoRA."
+    return None
+
+
 # ---------------------------------------------------------------------------------------- floating-point range
 def multiplier_limits(
     amax: torch.Tensor, power: int, dtype: torch.dtype, *, keep_normal: bool = False
@@ -225,6 +244,26 @@ def multiplier_limits(
         lo = torch.maximum(lo, torch.where(amax > 0, (info.tiny / amax) ** (1 / p), torch.zeros_like(amax)))
     nan = ~torch.isfinite(amax)
     return torch.where(nan, inf, lo), torch.where(nan, torch.zeros_like(amax), hi)
+
+
+def rescaling_in_range(group, alpha: torch.Tensor, beta: torch.Tensor, rows: dict[str, torch.Tensor], moments):
+    """Per layer: the chain-rule rescaling keeps every tensor it multiplies finite, and factor rows normal.
+
+    ``alpha`` multiplies ``lora_A``'s rows and ``lora_B.grad``'s columns, ``beta`` ``lora_B``'s
+    columns and ``lora_A.grad``'s rows, and the moments by the power of their rule
+    (:func:`optlora.functional.chain_rule_rescaling`). ``rows`` holds the largest |entry| of each
+    rank index of ``lora_A``, ``grad_A``, ``lora_B``, ``grad_B`` (``(L, r)``); ``moments`` is
+    ``(optimizer, rule)`` of the moments the rescaling multiplies, or ``None``.
+    """
+    f = group.factors[0]
+    dA, dB = f.lora_A.dtype, f.lora_B.dtype
+    r = {k: v.to(torch.float64) for k, v in rows.items()}
+    lim_alpha = [multiplier_limits(r["lora_A"], 1, dA, keep_normal=True), multiplier_limits(r["grad_B"], 1, dB)]
+    lim_beta = [multiplier_limits(r["lora_B"], 1, dB, keep_normal=True), multiplier_limits(r["grad_A"], 1, dA)]
+    if moments is not None:
+        for (which, power, dtype), a in group.moment_amax(*moments).items():
+            (lim_beta if which == "grad_A" else lim_alpha).append(multiplier_limits(a[:, None], power, dtype))
+    return within_limits(alpha, lim_alpha) & within_limits(beta, lim_beta)
 
 
 def within_limits(m: torch.Tensor, limits: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

@@ -20,15 +20,18 @@ to rank r. **ScaLoRA-I** does the same every ``interval`` steps.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .. import merge, residual
 from ..discovery import quantized_base
-from ..distributed import copy_into_, is_dtensor, shard_like
+from ..distributed import copy_into_, is_dtensor, local, shard_like
 from ..functional import chain_rule_rescaling, scalora_merge_coefficient, scalora_merge_growth, scalora_scalings
 from . import guards
 from .base import LoRAMethod
 from .layers import LayerGroup
+from .state import by_path, check_nested, check_tensors, layer_path, rng_key, rng_plan
 
 
 class ScaLoRA(LoRAMethod):
@@ -101,10 +104,11 @@ class ScaLoRA(LoRAMethod):
         super().__init__(model, warmup_steps=warmup_steps, interval=interval, **kwargs)
         #: adapter name -> its low-rank residual, for the adapters on quantised bases
         self.residuals: dict[str, residual.LowRankResidual] = {}
-        if residual_rank is not None:
-            for f in self.factors:
-                if quantized_base(f):
-                    self.residuals[f.name] = residual.attach(f, residual_rank)
+        quantized = [f for f in self.factors if residual_rank is not None and quantized_base(f)]
+        if quantized and self.sharded:
+            self._refuse_sharded_residuals(quantized[0].name)  # before a hook is registered on the model
+        for f in quantized:
+            self.residuals[f.name] = residual.attach(f, residual_rank)
         self.name = "scalora" if interval == 1 else "scalora_i"
         self.kappa = float(kappa)
         self.mode = mode
@@ -141,11 +145,16 @@ class ScaLoRA(LoRAMethod):
                 self.buffers[f.name] = sharded[id(buf)]
         return self
 
-    def _refuse_sharded_residuals(self) -> None:
-        if self.residuals and self.sharded:
+    def _refuse_sharded_residuals(self, layer: str | None = None) -> None:
+        """Residuals are whole tensors beside whole base layers: FSDP2-sharded factors are refused (at construction,
+        attach, or the first due step after ``fully_shard``), before anything is touched."""
+        layer = layer or next(iter(self.residuals), None)
+        if layer is not None and self.sharded:
             raise RuntimeError(
-                "ScaLoRA(residual_rank=...) keeps whole low-rank residuals beside quantised base layers and does not "
-                "support FSDP2-sharded LoRA factors yet; on a sharded quantised model use optlora.RefLoRA"
+                f"ScaLoRA(residual_rank=...) keeps whole low-rank residuals beside quantised base layers (e.g. {layer}) "
+                "and does not support FSDP2-sharded LoRA factors; on a sharded quantised model use optlora.RefLoRA "
+                "(or scalar=True for RefLoRA-S), which only touches the LoRA factors, or run ScaLoRA(residual_rank=R) "
+                "in one process or under DDP."
             )
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -244,41 +253,88 @@ class ScaLoRA(LoRAMethod):
         self._rescale_group_(group, chain_rule_rescaling(alpha, beta))
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
-        """Counters, the merged base weights, merge buffers and the rounding RNG state.
+    def _layers(self) -> dict[str, torch.Tensor]:
+        """Base weight of every merged layer, keyed by its module path (adapters of one layer share it)."""
+        return {layer_path(f.name): f.base_weight for f in self.factors if f.name not in self.residuals}
 
-        The base weights are not part of a PEFT adapter checkpoint, so they are saved here.
+    def _layer_buffers(self) -> dict[str, torch.Tensor]:
+        return {layer_path(f.name): b for f in self.factors if (b := self.buffers.get(f.name)) is not None}
+
+    def _rank(self) -> tuple[int | None, int]:
+        """``(rank, world size)`` of the FSDP2 mesh (``(None, 1)`` in one process or under DDP)."""
+        if not self.sharded:
+            return None, 1
+        mesh = self.factors[0].lora_A.device_mesh
+        return mesh.get_local_rank(), mesh.size()
+
+    def _devices(self) -> list[torch.device]:
+        """The devices the base weights (this rank's blocks of them) are on now: one rounding generator each."""
+        return sorted({local(w).device for w in self._layers().values()}, key=str)
+
+    def state_dict(self) -> dict:
+        """Counters, the live factors, the merged base weights, merge buffers and the rounding RNG state.
+
+        ScaLoRA's model is ``W_now + s B A`` with ``W_now`` rewritten at every merge (Sec. 3.1), so the
+        factors and the base weights are only right together: both are saved here (tensors are not
+        copied; under FSDP2 they are this rank's DTensor shards). Base weights and buffers are keyed by
+        layer path, factors by ``path[adapter]``. ``rng`` holds the stochastic-rounding generator of
+        every device that holds a base weight now (seeded if no merge drew from it yet); under FSDP2 each
+        rank rounds its own blocks with its own generator, so each rank saves its own, as
+        ``"<device type>@<rank>"``.
         """
+        rank, _ = self._rank()
         out = {
             **super().state_dict(),
-            "base_weights": {f.name: f.base_weight.detach() for f in self.factors if f.name not in self.residuals},
-            "buffers": dict(self.buffers),
-            "rng": {str(d): g.get_state() for d, g in self._generators.items()},
+            "factors": {f.name: {"lora_A": f.lora_A.detach(), "lora_B": f.lora_B.detach()} for f in self.factors},
+            "base_weights": {path: w.detach() for path, w in self._layers().items()},
+            "buffers": self._layer_buffers(),
+            "rng": {rng_key(d, rank): self._generator(d).get_state() for d in self._devices()},
         }
         if self.residuals:  # quantised bases are never written: their merged increments live here
             out["residuals"] = {name: r.state_dict() for name, r in self.residuals.items()}
         return out
 
-    def load_state_dict(self, state: dict) -> None:
-        names = {f.name for f in self.factors if f.name not in self.residuals}
-        if set(state["base_weights"]) != names:
-            raise ValueError("state_dict's merged base weights do not match this model's LoRA layers")
-        if set(state.get("residuals", {})) != set(self.residuals):
-            raise ValueError(
-                f"state_dict's low-rank residuals ({sorted(state.get('residuals', {}))}) do not match this model's "
-                f"quantised LoRA layers ({sorted(self.residuals)})"
+    def check_state_dict(self, state) -> None:
+        """Config and counters (:meth:`LoRAMethod.check_state_dict`), then every tensor's name, shape and dtype."""
+        super().check_state_dict(state)
+        missing = [k for k in ("base_weights", "rng") if k not in state]
+        if missing:
+            raise ValueError(f"a ScaLoRA state_dict needs {missing} (ScaLoRA rewrites the base weights)")
+        check_tensors("base_weights", by_path(state["base_weights"]), self._layers())
+        check_tensors("buffers", by_path(state.get("buffers", {})), self._layer_buffers())
+        if "factors" in state:  # states saved before the factors were part of it rely on the PEFT adapter
+            live = {f.name: {"lora_A": f.lora_A, "lora_B": f.lora_B} for f in self.factors}
+            check_nested("factors", state["factors"], live)
+        if self.residuals or "residuals" in state:  # quantised bases: their merged increments (optlora.residual)
+            live = {n: {k: getattr(r, k) for k in residual.STATE_KEYS} for n, r in self.residuals.items()}
+            check_nested("residuals", state.get("residuals", {}), live)
+        rng_plan(state["rng"], self._devices(), *self._rank())
+
+    def _write_state(self, state) -> None:
+        rng, why = rng_plan(state["rng"], self._devices(), *self._rank())
+        if why is not None and self._rounds_stochastically():
+            warnings.warn(
+                f"{why}: later merges round with other random bits than the saved run would have (the model "
+                "itself is restored exactly)",
+                stacklevel=4,
             )
-        super().load_state_dict(state)
-        with torch.no_grad():
-            for f in self.factors:
-                if f.name in self.residuals:
-                    self.residuals[f.name].load_state_dict(state["residuals"][f.name])
-                    continue
-                copy_into_(f.base_weight, state["base_weights"][f.name])  # FSDP2: this rank's block
-                if f.name in self.buffers:
-                    copy_into_(self.buffers[f.name], state["buffers"][f.name])
-        for dev, st in state.get("rng", {}).items():
-            self._generator(torch.device(dev)).set_state(st.cpu() if isinstance(st, torch.Tensor) else st)
+        weights, buffers = by_path(state["base_weights"]), by_path(state.get("buffers", {}))
+        with torch.no_grad():  # FSDP2: a whole saved tensor fills this rank's block (copy_into_)
+            for f in self.factors if "factors" in state else ():
+                copy_into_(f.lora_A, state["factors"][f.name]["lora_A"])
+                copy_into_(f.lora_B, state["factors"][f.name]["lora_B"])
+            for path, w in self._layers().items():
+                copy_into_(w, weights[path])
+            for path, b in self._layer_buffers().items():
+                copy_into_(b, buffers[path])
+            for name, res in self.residuals.items():
+                res.load_state_dict(state["residuals"][name])
+        for dev, st in rng.items():
+            self._generator(dev).set_state(st)
+        super()._write_state(state)
+
+    def _rounds_stochastically(self) -> bool:
+        return any(merge.resolve_mode(self.merge_precision, w.dtype) == "stochastic" for w in self._layers().values())
 
     def stats(self) -> dict:
         out = super().stats()

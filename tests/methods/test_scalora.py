@@ -143,7 +143,7 @@ def test_accumulated_update_rank_exceeds_2r_on_full_rank_target(method_name):
     if method_name == "scalora":
         method = optlora.ScaLoRA(model, warmup_steps=0, kappa=0.5).attach(opt)
     else:
-        method = optlora.RefLoRA(model, warmup_steps=10**6)  # never applied: plain LoRA
+        method = optlora.RefLoRA(model, warmup_steps=10**6).attach(opt)  # never due: plain LoRA
     losses = []
     for _ in range(40):
         opt.zero_grad()
