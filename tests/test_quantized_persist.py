@@ -5,7 +5,7 @@ residual ``U V`` beside it, so the trained layer is ``W_q + U V + s B A`` and it
 (relative to ``W_q``) is ``U V + s B A``, of rank ``<= R + r``. The guarded ``save_pretrained`` must
 write that update as a standard PEFT adapter at the stated error, for the same quantised base, and the
 exact state (residual factors included) must come back through the transactional ``load_adapter`` /
-``load_state_dict``. RefLoRA leaves PEFT's own adapter. The int8 tests run everywhere; the bitsandbytes
+``load_state_dict``. (RefLoRA leaves PEFT's own adapter: tests/test_quantized_bnb.py.) The int8 tests run everywhere; the bitsandbytes
 ones where bitsandbytes' CPU kernels run.
 """
 
@@ -25,11 +25,10 @@ from test_quantized import (
     effective_weights,
     int8_mlp,
     int8_twin,
-    needs_bnb,
-    quantized_peft,
     run,
     tiny_mlp_with_one_int8_layer,
 )
+from test_quantized_bnb import needs_bnb, quantized_peft
 from transformers import AutoModelForCausalLM
 
 import optlora
@@ -142,19 +141,6 @@ def qdir(tmp_path_factory):
 def logits(model, ids):
     with torch.no_grad():  # train mode: bitsandbytes repacks 4-bit weights on eval-mode CPU calls (docs/QUANTIZED.md)
         return model.train()(input_ids=ids).logits
-
-
-@needs_bnb
-def test_reflora_on_4bit_saves_peft_adapter_and_state(qdir, tmp_path):
-    model = quantized_peft(qdir, 4)
-    opt = torch.optim.AdamW(lora_params(model), lr=LR)
-    optlora.RefLoRA(model, warmup_steps=1).attach(opt)
-    ids = lm_batch(32)
-    train_steps(model, opt, lm_loss, ids, 3)
-    model.save_pretrained(tmp_path)
-    assert (tmp_path / checkpoint.STATE_FILE).exists() and not (tmp_path / "optlora_export.json").exists()
-    reloaded = PeftModel.from_pretrained(models.quantized_tiny_llama(qdir, 4), tmp_path)
-    torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), rtol=1e-5, atol=1e-6)
 
 
 @needs_bnb
