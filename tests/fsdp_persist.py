@@ -9,7 +9,8 @@ method, into ``out/persist-<method>-<way>``:
 * ``whole``: ``get_model_state_dict(full_state_dict=True, cpu_offload=True)`` on every rank, then the
   main rank alone calls ``model.save_pretrained(dir, state_dict=full)``;
 * ``refused``: the main rank alone, neither: the error is recorded, the folder must not exist;
-* ``resumed``: a fresh sharded model and method ``load_adapter(every, "default")`` on every rank.
+* ``resumed``: a fresh sharded model and method ``load_adapter(every, "default")`` on every rank;
+* ``mismatch``: the same with a method of another configuration (``interval``): refused on every rank.
 
 Rank 0 leaves ``out/persist_save.pt``: per method the trained (gathered) tensors, logits of fixed ids,
 stats, the refusal and what the resumed model holds; tests/test_persist_fsdp.py checks the folders.
@@ -49,12 +50,18 @@ def _full(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def _sharded(base: str, name: str, init_b: bool = True):
+def _sharded(base: str, name: str, init_b: bool = True, **options):
     import fsdp_worker as W
 
-    c = W.case(name)
+    c = W.case(name, **options)
     model = W.shard(_model(base, init_b), c)
     return model, W.make(c, model)
+
+
+def _gather(obj, world: int) -> list:
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def persist_save(rank: int, world: int, out: str) -> None:
@@ -101,6 +108,15 @@ def persist_save(rank: int, world: int, out: str) -> None:
         except Exception as exc:  # noqa: BLE001 - recorded for the test, which reports it
             resumed = {"error": f"{type(exc).__name__}: {exc}", "equal": False}
         resumed["steps"] = (fresh_method.steps, fresh_method.method_steps)
+        other, _ = _sharded(base, name, interval=2)  # another configuration: refused on every rank
+        before = _full(other)
+        try:
+            other.load_adapter(f"{folder}-every", "default", is_trainable=True)
+            mismatch = {"error": None}
+        except ValueError as exc:
+            mismatch = {"error": str(exc)}
+        mismatch["unchanged"] = all(torch.equal(before[n], v) for n, v in _full(other).items())
+        mismatch = _gather(mismatch, world)
         if rank == 0:
             result[name] = {
                 "trained": trained,
@@ -110,6 +126,7 @@ def persist_save(rank: int, world: int, out: str) -> None:
                 "refused": refused,
                 "refused_wrote": os.path.exists(f"{folder}-refused"),
                 "resumed": resumed,
+                "mismatch": mismatch,
             }
     if rank == 0:
         torch.save(result, os.path.join(out, "persist_save.pt"))

@@ -104,11 +104,16 @@ def test_reflora_adapter_is_the_trained_model(two, saved, way):  # noqa: F811
 @pytest.mark.parametrize("name", ["scalora", "reflora"])
 def test_every_rank_saving_writes_the_exact_state(two, saved, name):  # noqa: F811
     """``optlora_state.dcp`` (every rank's shards): a fresh sharded model resumes exactly from it via
-    ``load_adapter``, and ``persist.rebuild`` gives the trained model in one process."""
+    ``load_adapter`` (and refuses it, transactionally, for another configuration), and ``persist.rebuild``
+    gives the trained model in one process."""
     r = saved[name]
     folder = two / f"persist-{name}-every"
     assert (folder / checkpoint.SHARDED_STATE / ".metadata").is_file()
     assert r["resumed"] == {"error": None, "equal": True, "steps": (STEPS, STEPS - 1)}
+    # a state of another configuration: every rank refuses it, with the same error, before anything changes
+    assert [row["unchanged"] for row in r["mismatch"]] == [True, True]
+    assert "'interval': (1, 2)" in r["mismatch"][0]["error"], r["mismatch"]
+    assert r["mismatch"][0]["error"] == r["mismatch"][1]["error"]
     rebuilt = dict(persist.rebuild(pretrained(two), folder).named_parameters())
     for n, v in r["trained"].items():
         assert torch.equal(rebuilt[n].detach(), v), n
