@@ -5,7 +5,7 @@ Floors, bottom to top:
 1. ``functional`` and ``compress`` (pure math: torch only), ``cliutil`` (argparse only);
 2. the core: ``merge``, ``optimizer_state``, ``discovery``, ``distributed``, ``residual``, ``methods.*``;
 3. integrations: ``hf``, ``export``, ``export_cli``, ``cli``, ``experiments.*``, ``testing.*``, ``persist``,
-   ``persist_fsdp``, ``originals``, ``checkpoint``, ``sharded_checkpoint``, ``rebuild``, ``card``.
+   ``persist_fsdp``, ``persist_load``, ``originals``, ``checkpoint``, ``sharded_checkpoint``, ``rebuild``, ``card``.
 
 The core never imports an integration; ``testing.reference`` never imports optlora (it is the
 independent oracle); nothing outside ``cli`` imports ``cli``; and the module graph has no cycle.
@@ -31,6 +31,7 @@ INTEGRATIONS = (
     "testing",
     "persist",
     "persist_fsdp",
+    "persist_load",
     "originals",
     "checkpoint",
     "sharded_checkpoint",

@@ -114,7 +114,11 @@ def check_counters(state, config: dict) -> None:
     saved = state["config"]
     if saved != config:
         diff = (
-            {k: (saved.get(k), config.get(k)) for k in set(saved) | set(config) if saved.get(k) != config.get(k)}
+            {
+                k: (saved.get(k), config.get(k))
+                for k in sorted(set(saved) | set(config))
+                if saved.get(k) != config.get(k)
+            }
             if isinstance(saved, Mapping)
             else saved
         )
