@@ -31,8 +31,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .card import REPORT_FILE, write_card
 from .compress import Compressed, lowrank_compress, noise_rank, rank_for_error, rounding_floor, svd_compress
-from .discovery import LoRAFactors, is_lora_model, lora_layers
+from .discovery import LoRAFactors, is_lora_model, lora_layers, quantized_base
+from .residual import ATTR as RESIDUALS
+from .residual import attach as attach_residual
+from .residual import residuals_of
 
 __all__ = [
     "Compressed",
@@ -60,13 +64,20 @@ _TASK_TO_AUTO = {
 
 
 # ---------------------------------------------------------------------------------------------- model access
-def _dense(f: LoRAFactors, base_weight: torch.Tensor, dtype: torch.dtype, live=None) -> torch.Tensor:
+def _dense(f: LoRAFactors, base_weight: torch.Tensor | None, dtype: torch.dtype, live=None) -> torch.Tensor:
     """``W_now - W_pretrained`` (out x in) of one layer: merged base drift plus the live adapter.
 
     ``live``: ``(W_now, lora_A, lora_B)`` whole, where the module holds shards (FSDP2); else read from ``f``.
+    A quantised base weight is never written by optlora: there the drift is the low-rank residual
+    that ScaLoRA keeps beside it (:mod:`optlora.residual`, zero for RefLoRA), ``base_weight`` is not
+    read (pass ``None``), and the update is relative to the quantised weight the model was trained on.
     """
-    w, lora_A, lora_B = live if live is not None else (f.base_weight, f.lora_A, f.lora_B)
-    w_now = w.detach().to(dtype)
+    w, lora_A, lora_B = live if live is not None else (None, f.lora_A, f.lora_B)
+    if quantized_base(f):
+        lora = f.scaling * (lora_B.detach().to(dtype) @ lora_A.detach().to(dtype))
+        res = residuals_of(f.module.get_base_layer()).get(f.adapter)
+        return lora if res is None else lora + res.dense().to(lora.device, dtype)
+    w_now = (f.base_weight if w is None else w).detach().to(dtype)
     w_pt = base_weight.detach().to(device=w_now.device, dtype=dtype)
     drift = w_now - w_pt
     if f.fan_in_fan_out:
@@ -114,11 +125,6 @@ class ExportReport:
 
 # ---------------------------------------------------------------------------------------------- exports
 _LORA_KEYS = (".lora_A.", ".lora_B.", ".lora_embedding_", ".lora_magnitude_vector")
-#: the per-layer error statement written next to every compressed adapter
-REPORT_FILE = "optlora_export.json"
-#: the exact resume state (optlora.checkpoint.STATE_FILE; named here so that export needs no checkpoint import)
-STATE_FILE = "optlora_state.safetensors"
-CARD_BEGIN, CARD_END = "<!-- optlora:begin -->", "<!-- optlora:end -->"
 
 
 def update_adapter(
@@ -172,9 +178,11 @@ def update_adapter(
     for f in layers:
         with torch.no_grad():
             whole = tensors_of(f) if tensors_of is not None else None
-            delta = _dense(f, original(f), compute_dtype, whole)
+            quantized = quantized_base(f)  # update relative to the quantised weight: residual + adapter, no rounding
+            delta = _dense(f, None if quantized else original(f), compute_dtype, whole)
             norm = float(delta.double().norm())
-            floor = rounding_floor(whole[0] if whole is not None else f.base_weight) / norm if norm > 0 else 0.0
+            stored = None if quantized else whole[0] if whole is not None else f.base_weight
+            floor = rounding_floor(stored) / norm if norm > 0 and stored is not None else 0.0
             k_max = rank
             if max_fraction is not None:  # beyond this rank the factors are no smaller than the dense layer
                 size = max(1, int(max_fraction * delta.shape[0] * delta.shape[1] / sum(delta.shape)))
@@ -197,6 +205,7 @@ def update_adapter(
             "norm": c.norm,
             "rounding_floor": floor,  # relative: the error of storing the base weight in its dtype
             "above_noise": noisy,  # rank chosen by compress.noise_rank (the floor exceeds tol)
+            "quantized_base": quantized,  # relative to the quantised weight: load on the same quantised base
             "singular_values": c.singular_values.cpu(),
         }
         resid2 += (c.rel_error * c.norm) ** 2
@@ -257,56 +266,6 @@ def write_adapter(
         json.dump(report.to_json(), fh, indent=1)
 
 
-def write_card(
-    model, directory: str, report: ExportReport, *, method, adapter: str, tol, max_rank, exact_state: bool | str = True
-) -> None:
-    """State the adapter's error in its model card (``README.md``, PEFT's card plus an optlora section).
-
-    ``exact_state``: ``True`` names the state file written beside the adapter, a string says where the state is instead.
-    """
-    path = os.path.join(directory, "README.md")
-    if not os.path.isfile(path) and hasattr(model, "create_or_update_model_card"):
-        model.create_or_update_model_card(directory)
-    text = ""
-    if os.path.isfile(path):
-        with open(path) as fh:
-            text = fh.read()
-    if CARD_BEGIN in text:
-        text = text[: text.index(CARD_BEGIN)] + text[text.index(CARD_END) + len(CARD_END) :]
-    worst = max((v["rel_error"] for v in report.layers.values()), default=0.0)
-    ranks = [v["rank"] for v in report.layers.values()]
-    base = getattr(model.peft_config.get(adapter), "base_model_name_or_path", None) or "the original base model"
-    noisy = sum(bool(v.get("above_noise")) for v in report.layers.values())
-    noise = (
-        f"In {noisy} layer(s) the base weights' dtype cannot hold the update to the tolerance: the merges left "
-        "rounding noise in them, which the adapter leaves out (it keeps the part above that noise, "
-        "optlora.compress.noise_rank), so most of their stated error is that noise; the trained model stored "
-        "in the same dtype has a rounding error of that size too. "
-        if noisy
-        else ""
-    )
-    section = (
-        f"{CARD_BEGIN}\n## optlora: accumulated update of a {type(method).__name__} run\n\n"
-        f"{type(method).__name__} merges part of each update into the frozen base weights, so this adapter "
-        f"holds the whole update `W_now - W_pretrained` for `{base}`, per layer by truncated SVD: "
-        f"relative Frobenius error **{report.rel_error:.3e}** over all layers, {worst:.3e} in the worst layer "
-        f"(tolerance {tol}; storing the base weights in their dtype alone is off by "
-        f"{report.rounding_floor:.3e}; rank cap {max_rank or 'as many numbers as the dense layer'}, ranks "
-        f"{min(ranks)}..{max(ranks)}); per layer in "
-        f"`{REPORT_FILE}`. {noise}Load it with plain PEFT on the original base model."
-        + (
-            f" `{STATE_FILE}` holds the exact training state for resuming with optlora (method step {method.steps})."
-            if exact_state is True
-            else f" {exact_state}"
-            if exact_state
-            else ""
-        )
-        + f"\n{CARD_END}\n"
-    )
-    with open(path, "w") as fh:
-        fh.write(text.rstrip("\n") + "\n\n" + section)
-
-
 def export_adapter(
     model: nn.Module,
     base: nn.Module,
@@ -330,13 +289,16 @@ def export_adapter(
 
     Load it with plain PEFT: ``PeftModel.from_pretrained(original_base, out_dir)``. A model saved with
     ``save_pretrained`` while :mod:`optlora.persist` guards it gets the same adapter without ``base``.
+    On a quantised base (QLoRA) the update of each quantised layer is relative to its quantised weight,
+    which optlora never changes: ScaLoRA's low-rank residual plus the adapter, of rank ``<= R + r``, so
+    ``rank=R + r`` (or ``tol=0``) exports it exactly; load it on the same quantised base.
     """
     if is_lora_model(base):
         raise TypeError("base must be the original model without LoRA layers (not a PeftModel)")
 
     def original(f: LoRAFactors) -> torch.Tensor:
         try:
-            return base.get_submodule(f.name).weight
+            return None if quantized_base(f) else base.get_submodule(f.name).weight
         except AttributeError as exc:
             raise ValueError(
                 f"base has no module {f.name!r}: is it the same architecture as the trained model?"
@@ -364,6 +326,13 @@ def export_merged(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=Non
     """
     if not hasattr(model, "merge_and_unload"):
         raise TypeError(f"expected a PEFT model with merge_and_unload(), got {type(model).__name__}")
+    carried = [n for n, m in model.named_modules() if getattr(m, RESIDUALS, None)]
+    if carried:
+        raise ValueError(
+            f"{len(carried)} quantised layer(s) (e.g. {carried[0]}) carry ScaLoRA's low-rank residual, which a "
+            "merged quantised model cannot store (re-quantising rounds it away). Use optlora.export.export_adapter("
+            "model, base, out_dir, rank=R + r) for an exact adapter on the same quantised base."
+        )
     merged = (model if inplace else copy.deepcopy(model)).merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer is not None:
@@ -374,21 +343,34 @@ def export_merged(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=Non
 def apply_method_state(model: nn.Module, state: dict) -> int:
     """Copy ScaLoRA's merged base weights from ``method.state_dict()`` (or a saved file) into ``model``.
 
+    Low-rank residuals (ScaLoRA on quantised bases) are attached to their layers and filled.
     Matches layer names by path suffix, so the state may come from a method built on the
     ``PeftModel`` or on its base model. Returns the number of weights copied (0 for RefLoRA).
     """
     weights = state.get("base_weights", {})
     paths = {f.name: f for f in lora_layers(model)}
-    done = 0
+
+    def layer(name: str, what: str) -> LoRAFactors:
+        path = name.rsplit("[", 1)[0]
+        hits = [p for p in paths if p == path or path.endswith("." + p) or p.endswith("." + path)]
+        if len(hits) != 1:
+            raise ValueError(f"cannot match the saved {what} {name!r} to one LoRA layer (matches: {hits})")
+        return paths[hits[0]]
+
+    targets = [(layer(name, "base weight"), w) for name, w in weights.items()]  # every lookup before any write
+    folds = [(layer(name, "low-rank residual"), saved) for name, saved in state.get("residuals", {}).items()]
+    for f, _ in folds:  # ScaLoRA on quantised bases: a residual stands for merges into a quantised weight
+        if not quantized_base(f):
+            raise ValueError(
+                f"the state holds a low-rank residual for {f.name}, whose base layer here is not quantised: the run "
+                "trained on a quantised base. Load the base with the same quantization_config. Nothing was written."
+            )
     with torch.no_grad():
-        for name, w in weights.items():
-            path = name.rsplit("[", 1)[0]
-            hits = [p for p in paths if p == path or path.endswith("." + p) or p.endswith("." + path)]
-            if len(hits) != 1:
-                raise ValueError(f"cannot match the saved base weight {name!r} to one LoRA layer (matches: {hits})")
-            paths[hits[0]].base_weight.copy_(w)
-            done += 1
-    return done
+        for f, w in targets:
+            f.base_weight.copy_(w)
+        for f, saved in folds:
+            attach_residual(f, saved["left"].shape[1]).load_state_dict(saved)
+    return len(targets) + len(folds)
 
 
 def _dtype_kw(dtype: torch.dtype | None) -> dict:

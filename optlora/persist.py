@@ -19,7 +19,8 @@ and ``push_to_hub`` call -- writes
 ``model.load_adapter(dir, name)`` -- what the Trainer calls on resume and for
 ``load_best_model_at_end`` -- restores the trained adapter exactly from that state (all of it
 checked before anything is written), and raises when a base-modifying model would otherwise
-continue from an adapter without its state.
+continue from an adapter without its state (:mod:`optlora.persist_load`). Under FSDP2 saving is
+:mod:`optlora.persist_fsdp`.
 
 The pretrained weights come from :class:`optlora.originals.OriginalWeights` (read lazily from the
 base model's safetensors files, verified when the method is built). :func:`uninstall` removes the
@@ -36,11 +37,11 @@ import warnings
 
 import torch
 
-from . import checkpoint, export, persist_fsdp
-from .discovery import lora_layers
+from . import checkpoint, export, persist_fsdp, persist_load
+from .discovery import lora_layers, quantized_base
 from .methods.base import LoRAMethod, on_claim
-from .originals import OriginalsUnavailable, OriginalWeights
-from .rebuild import adapter_extras, rebuild_model
+from .originals import OriginalWeights
+from .rebuild import rebuild_model
 
 GUARD = "_optlora_guard"
 _WRAPPED = ("save_pretrained", "load_adapter", "disable_adapter")
@@ -149,7 +150,7 @@ class Guard:
             )
         written = None
         if mine and is_main:  # compute first: anything that can fail fails before a file is written
-            self.originals.require([f.name for f in lora_layers(model, mine[0])])
+            self.originals.require([f.name for f in lora_layers(model, mine[0]) if not quantized_base(f)])
             written = self.update_adapter(model, mine[0], directory)
         others = [a for a in selected if a not in trained]
         if others:
@@ -203,98 +204,13 @@ class Guard:
         extra = {"peft_config": json.dumps(configs, default=lambda o: sorted(o) if isinstance(o, set) else str(o))}
         return checkpoint.save_state(self.method, directory, extra_metadata=extra)
 
-    # ------------------------------------------------------------------ load
+    # ------------------------------------------------------------------ load (optlora.persist_load)
     def load_adapter(self, model, original, args, kwargs):
-        bound = inspect.signature(original).bind(model, *args, **kwargs)
-        model_id, adapter_name = bound.arguments["model_id"], bound.arguments["adapter_name"]
-        extra = bound.arguments.get("kwargs", {})
-        folder = os.fspath(model_id)
-        if extra.get("subfolder"):
-            folder = os.path.join(folder, extra["subfolder"])
-        m = self.method
-        if m is None or adapter_name not in {f.adapter for f in m.factors}:
-            if self.merges and m is None:
-                raise RuntimeError("this copy of a model whose base weights were rewritten cannot load adapters safely")
-            return original(model, *args, **kwargs)
-        state_file = checkpoint.find_state(folder, sharded=m.sharded) if os.path.isdir(folder) else None
-        if state_file is None:
-            if not m.merges:
-                return original(model, *args, **kwargs)
-            self._refuse_without_state(model, folder)
-            return original(model, *args, **kwargs)
-        if m.sharded:
-            return self._load_sharded(model, original, args, kwargs, folder, state_file, adapter_name)
-        state = checkpoint.read_state(state_file)
-        m.check_state_dict(state)
-        if not m.merges or "factors" not in state:  # RefLoRA, or a state saved before factors were in it
-            result = original(model, *args, **kwargs)
-            m.load_state_dict(state)
-        else:
-            extras = adapter_extras(model, folder, adapter_name)  # checked against the model before any write
-            m.load_state_dict(state)
-            if extras:
-                from peft.utils import set_peft_model_state_dict
-
-                set_peft_model_state_dict(model, extras, adapter_name=adapter_name)
-            result = torch.nn.modules.module._IncompatibleKeys([], [])
-        self.loaded_from = (os.path.abspath(folder), int(state["steps"]))
-        return result
-
-    def _load_sharded(self, model, original, args, kwargs, folder: str, state_file: str, adapter_name: str):
-        """FSDP2 (every rank): the state loaded shard by shard, checked on every rank and agreed before any write."""
-        m = self.method
-        if not m.merges:  # the counters (checked first), then PEFT's own adapter
-            state = checkpoint.read_state(state_file)
-            m.load_state_dict(state)
-            result = original(model, *args, **kwargs)
-        else:
-            whole = not os.path.isdir(state_file)  # a safetensors state (one process wrote it): read by every rank
-            if whole and "factors" not in json.loads(checkpoint.read_metadata(state_file).get("state", "{}")):
-                raise RuntimeError(
-                    f"{state_file} holds no live factors (an older state that relies on its PEFT adapter), which the "
-                    "guard cannot load into FSDP2 shards: resume it in one process. Nothing was loaded."
-                )
-            if adapter_extras(model, folder, adapter_name):
-                raise RuntimeError(
-                    f"the adapter in {folder} has non-LoRA entries (modules_to_save, biases), which the guard cannot "
-                    "load into FSDP2 shards; load them with the Trainer's FSDP checkpoint or torch.distributed.checkpoint. "
-                    "Nothing was loaded."
-                )
-            state = checkpoint.load_state(m, state_file)  # every rank its shards; transactional, agreed
-            result = torch.nn.modules.module._IncompatibleKeys([], [])
-        self.loaded_from = (os.path.abspath(folder), int(state["steps"]))
-        return result
-
-    def _refuse_without_state(self, model, folder: str) -> None:
-        """A base-modifying model loads an adapter without optlora state only while its base is untouched."""
-        if os.path.isfile(os.path.join(folder, export.REPORT_FILE)) or not os.path.isdir(folder):
-            raise RuntimeError(
-                f"{folder} holds no {checkpoint.STATE_FILE}: its adapter is an accumulated update for the original "
-                f"base, and {type(self.method).__name__}'s exact state (merged base weights, live factors, counters) "
-                "is missing, so training would continue on wrong base weights. Resume from a checkpoint that has it, "
-                "or load the adapter for inference on the original base: PeftModel.from_pretrained(base, folder)."
-            )
-        changed = [] if self.method.sharded else self.changed_layers(model)  # FSDP2: the counters decide
-        if self.base_changed or changed:
-            where = f"{len(changed)} base weight(s) (e.g. {changed[0]})" if changed else "the base weights"
-            raise RuntimeError(
-                f"{type(self.method).__name__} has already merged updates into {where}; the plain adapter in "
-                f"{folder} (no {checkpoint.STATE_FILE}) belongs on the original base and would be applied on top of "
-                "them. Load it into a freshly loaded model."
-            )
+        return persist_load.load_adapter(self, model, original, args, kwargs)
 
     def changed_layers(self, model) -> list[str]:
         """LoRA layers whose live base weight differs from the pretrained one (reads the originals)."""
-        names = sorted({f.adapter for f in self.method.factors})
-        out = []
-        for f in (f for a in names for f in lora_layers(model, a)):
-            try:
-                same = torch.equal(self.originals.get(f.name, f.base_weight.device), f.base_weight.detach())
-            except OriginalsUnavailable:
-                same = False
-            if not same:
-                out.append(f.name)
-        return out
+        return persist_load.changed_layers(self, model)
 
 
 def _orphan(merges: bool, changed: bool = False) -> Guard:
@@ -362,7 +278,8 @@ def install(
                 "right after building the method, before training"
             )
         adapters = sorted({f.adapter for f in method.factors})
-        live = {f.name: f.base_weight for a in adapters for f in lora_layers(model, a)}
+        # quantised weights are never written (ScaLoRA keeps their merges in residuals): no original needed
+        live = {f.name: f.base_weight for a in adapters for f in lora_layers(model, a) if not quantized_base(f)}
         name, prefix = _peft_parts(model)
         originals = OriginalWeights.resolve(
             live, folder=original or name, prefix=prefix, host_copy=host_copy, stacklevel=_stacklevel + 1

@@ -72,7 +72,8 @@ def rebuild_model(base_model, folder: str | os.PathLike, *, adapter: str = "defa
                 raise ValueError(f"{found} has no factors for LoRA layer {name}")
             f.lora_A.copy_(state["factors"][key]["lora_A"])
             f.lora_B.copy_(state["factors"][key]["lora_B"])
-        changed = export.apply_method_state(model, {"base_weights": weights})
+        residuals = state.get("residuals", {})  # ScaLoRA(residual_rank) on quantised bases: attached and filled
+        changed = export.apply_method_state(model, {"base_weights": weights, "residuals": residuals})
     extras = adapter_extras(model, folder, adapter)
     if extras:
         from peft.utils import set_peft_model_state_dict

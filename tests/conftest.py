@@ -126,12 +126,13 @@ def snapshot(method, optimizer=None) -> dict:
     """Per adapter: factors, grads, base weight, scale, layout and optimizer state, as float64 numpy."""
     out = {}
     for f in method.factors:
+        w = getattr(f.module.get_base_layer(), "weight", None)  # quantised bases may have none (GPTQ: qweight)
         d = {
             "A": np64(f.lora_A),
             "B": np64(f.lora_B),
             "gA": None if f.lora_A.grad is None else np64(f.lora_A.grad),
             "gB": None if f.lora_B.grad is None else np64(f.lora_B.grad),
-            "W": np64(f.base_weight),
+            "W": None if w is None else np64(w),
             "s": f.scaling,
             "fifo": f.fan_in_fan_out,
         }

@@ -201,6 +201,7 @@ def _worker(rank: int, world: int, out: str, names: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
     try:
+        import fsdp_persist
         import fsdp_scenarios
 
         for name in names:
@@ -209,7 +210,8 @@ def _worker(rank: int, world: int, out: str, names: list[str]) -> None:
                 if rank == 0:
                     torch.save(result, os.path.join(out, f"{name}.pt"))
             else:
-                getattr(fsdp_scenarios, name)(rank, world, out)
+                scenario = getattr(fsdp_scenarios, name, None) or getattr(fsdp_persist, name)
+                scenario(rank, world, out)
     finally:
         dist.destroy_process_group()
 

@@ -3,9 +3,9 @@
 Floors, bottom to top:
 
 1. ``functional`` and ``compress`` (pure math: torch only), ``cliutil`` (argparse only);
-2. the core: ``merge``, ``optimizer_state``, ``discovery``, ``distributed``, ``methods.*``;
+2. the core: ``merge``, ``optimizer_state``, ``discovery``, ``distributed``, ``residual``, ``methods.*``;
 3. integrations: ``hf``, ``export``, ``export_cli``, ``cli``, ``experiments.*``, ``testing.*``, ``persist``,
-   ``persist_fsdp``, ``originals``, ``checkpoint``, ``sharded_checkpoint``, ``rebuild``.
+   ``persist_fsdp``, ``persist_load``, ``originals``, ``checkpoint``, ``sharded_checkpoint``, ``rebuild``, ``card``.
 
 The core never imports an integration; ``testing.reference`` never imports optlora (it is the
 independent oracle); nothing outside ``cli`` imports ``cli``; and the module graph has no cycle.
@@ -20,7 +20,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PKG = ROOT / "optlora"
-CORE = ("merge", "optimizer_state", "discovery", "distributed", "methods")
+CORE = ("merge", "optimizer_state", "discovery", "distributed", "residual", "methods")
 INTEGRATIONS = (
     "hf",
     "export",
@@ -31,10 +31,12 @@ INTEGRATIONS = (
     "testing",
     "persist",
     "persist_fsdp",
+    "persist_load",
     "originals",
     "checkpoint",
     "sharded_checkpoint",
     "rebuild",
+    "card",
 )
 
 

@@ -68,11 +68,23 @@ def _conv_model():
     return get_peft_model(base, LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False))
 
 
+def _mha_model():
+    """LoRA on ``nn.MultiheadAttention``: its factors are ``nn.Linear`` but PEFT merges them into ``in_proj_weight``."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.MultiheadAttention(4, 2), nn.Linear(4, 3)).double()
+    return get_peft_model(base, LoraConfig(r=2, target_modules=["0", "1"], init_lora_weights=False))
+
+
 @pytest.mark.parametrize("name", list(METHODS))
 @pytest.mark.parametrize(
     "builder,what",
-    [(_embedding_model, "Embedding"), (_conv_model, "Conv2d"), (lambda: tiny_mlp(use_dora=True), "DoRA")],
-    ids=["embedding", "conv2d", "dora"],
+    [
+        (_embedding_model, "Embedding"),
+        (_conv_model, "Conv2d"),
+        (_mha_model, "MultiheadAttention"),
+        (lambda: tiny_mlp(use_dora=True), "DoRA"),
+    ],
+    ids=["embedding", "conv2d", "multihead_attention", "dora"],
 )
 def test_unsupported_layers_raise_naming_the_layer(builder, what, name):
     model = builder()

@@ -36,6 +36,9 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for r in (r0, r1):  # the unattached-step hook: silent while the method is attached (below), and a step
+        u = r.pop("unattached")  # without it is refused on every rank, nothing changed
+        assert "not attached" in u["error"] and u["unchanged"], u
     for kind in ("scalora", "reflora_s"):
         single = train(kind)  # one process, the whole global batch
         untouched = {n: p for n, p in tiny_peft(seed=11).named_parameters() if n in single}

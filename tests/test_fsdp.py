@@ -25,7 +25,7 @@ import fsdp_worker as W  # noqa: E402
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 
 TWO = [n for n in W.CASES if not n.endswith(("-r2", "-r2-gpt2"))]
-TWO += ["nonfinite", "guard_reads", "resume", "export", "trainer"]
+TWO += ["nonfinite", "guard_reads", "resume", "export", "trainer", "persist_save"]  # persist_save: test_persist_fsdp
 FOUR = ["reflora_s-r2", "scalora-r2-gpt2"]  # ranks 2, 3 hold no rows of lora_A; GPT-2 gathers lora_B
 
 

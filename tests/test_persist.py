@@ -331,7 +331,7 @@ def test_adapter_only_saving_for_shipping(base_dir, tmp_path):
     model.save_pretrained(tmp_path)
     assert not (tmp_path / checkpoint.STATE_FILE).exists() and (tmp_path / "optlora_export.json").exists()
     assert checkpoint.STATE_FILE not in (tmp_path / "README.md").read_text()
-    assert optlora.export.STATE_FILE == checkpoint.STATE_FILE  # export names the file without importing checkpoint
+    assert optlora.card.STATE_FILE == checkpoint.STATE_FILE  # the card names the file without importing checkpoint
     fresh = peft_model(base_dir)
     optlora.ScaLoRA(fresh, warmup_steps=1, kappa=0.5)
     with pytest.raises(RuntimeError, match="holds no"):

@@ -69,6 +69,8 @@ class LoRAMethod(metaclass=claims.ClaimsOnBuild):
     transfers_moments = False
     #: the method merges into base weights (needs mergeable layers)
     merges = False
+    #: a merging method accepts quantised bases (it keeps their merges elsewhere: ScaLoRA's ``residual_rank``)
+    _quantized_ok = False
     #: materialise per-layer scales to full shape in ``_rescale_group_`` (None: on CUDA only)
     _full_scales: bool | None = None
     #: what ``_plan`` reads per layer (``optlora.methods.sharded.READS``): sizes the FSDP2 exchange
@@ -98,7 +100,9 @@ class LoRAMethod(metaclass=claims.ClaimsOnBuild):
         self.on_nonfinite = on_nonfinite
         self.compute_dtype = compute_dtype
         check_sharding(model)  # FSDP1 / ZeRO-3 / HSDP: refuse with advice (optlora.distributed)
-        self.factors = find_lora_factors(model, mergeable=self.merges, skip_unsupported=skip_unsupported)
+        self.factors = find_lora_factors(
+            model, mergeable=self.merges, skip_unsupported=skip_unsupported, quantized_ok=self._quantized_ok
+        )
         self._groups = group_layers(self.factors)
         self.optimizer: torch.optim.Optimizer | None = None
         self._rule: dict[str, int] | None = None

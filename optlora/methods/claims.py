@@ -37,7 +37,9 @@ _INNER = ("optimizer", "optim")
 class _Claim:
     """What the hook knows of one method: its attachment and the ids of its LoRA parameters."""
 
-    chain: tuple = ()  # the optimizer passed to attach and every optimizer it wraps (incl. the attached one)
+    # weak references to the optimizer passed to attach and every optimizer it wraps (incl. the attached one):
+    # an optimizer holds the method through its step pre-hook, so a strong one would keep both alive forever
+    chain: tuple = ()
     released: bool = False  # detach() was called: training without the method is intended
     first: int = 0  # id of the first lora_A when ``ids`` was read (fully_shard replaces the parameters)
     ids: set = field(default_factory=set)
@@ -72,7 +74,7 @@ def claim(method) -> None:
 def attached(method, optimizer) -> None:
     """``method`` was attached to ``optimizer`` (as passed, possibly a wrapper): it claims its model."""
     info = _CLAIMS.setdefault(method, _Claim())
-    info.chain = (*wrapped_chain(optimizer), *wrapped_chain(method.optimizer))
+    info.chain = tuple(weakref.ref(o) for o in (*wrapped_chain(optimizer), *wrapped_chain(method.optimizer)))
     info.released = False
     claim(method)
 
@@ -129,7 +131,7 @@ def _refuse_unattached_step(optimizer, args, kwargs) -> None:
         if method is None or method.optimizer is optimizer:
             continue
         info = _CLAIMS.get(method) or _Claim()
-        if info.released or any(o is a for o in wrapped_chain(optimizer) for a in info.chain):
+        if info.released or any(o is a() for o in wrapped_chain(optimizer) for a in info.chain):
             continue  # detached on purpose, or a wrapper of the attached optimizer, or one it wraps
         if holds(method, optimizer) and not _updates_nothing(optimizer):
             raise RuntimeError(

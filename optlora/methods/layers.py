@@ -16,8 +16,8 @@ from typing import NamedTuple
 
 import torch
 
-from .. import merge
-from ..discovery import LoRAFactors
+from .. import merge, residual
+from ..discovery import LoRAFactors, quantized_base
 from ..distributed import is_dtensor, local
 from ..functional import Rescaling
 from ..optimizer_state import moment_tensors
@@ -287,12 +287,23 @@ class LayerGroup:
                 generator=generator(w.device),
             )
 
+    def fold_into_residuals_(
+        self, coeff: torch.Tensor, residuals: list[residual.LowRankResidual], compute_dtype: torch.dtype
+    ) -> None:
+        """``U_l V_l <- rank-R truncation of (U_l V_l + s_l lora_B_l diag(coeff_l) lora_A_l)``: ScaLoRA's merge
+        (Sec. 3.1) for adapters on quantised bases, into their low-rank residuals (:func:`optlora.residual.fold_`)."""
+        scale = self.scalings(coeff.dtype)[:, None] * coeff  # (L, r): s_l * coeff_l
+        left = torch.stack([f.lora_B.detach() for f in self.factors]).to(coeff.dtype) * scale[:, None, :]
+        right = torch.stack([f.lora_A.detach() for f in self.factors])
+        residual.fold_(residuals, left, right, compute_dtype)
+
 
 def group_factors(factors: list[LoRAFactors]) -> list[LayerGroup]:
-    """Partition adapters into groups of the same device, dtypes and shapes (order kept)."""
+    """Partition adapters into groups of the same device, dtypes, shapes and kind of base (order kept)."""
     groups: dict[tuple, list[LoRAFactors]] = defaultdict(list)
     for f in factors:
         key = (f.lora_A.device, f.lora_A.dtype, f.lora_B.dtype, tuple(f.lora_A.shape), tuple(f.lora_B.shape))
+        key += (quantized_base(f),)  # merged into the weight or into a residual: never in one group
         if is_dtensor(f.lora_A) or is_dtensor(f.lora_B):  # FSDP2: also the mesh and every placement
             w = f.base_weight
             mesh = getattr(f.lora_A, "device_mesh", None)

@@ -24,13 +24,14 @@ import warnings
 
 import torch
 
-from .. import merge
+from .. import merge, residual
+from ..discovery import quantized_base
 from ..distributed import copy_into_, is_dtensor, local, shard_like
 from ..functional import chain_rule_rescaling, scalora_merge_coefficient, scalora_merge_growth, scalora_scalings
 from . import guards
 from .base import LoRAMethod
 from .layers import LayerGroup
-from .state import check_tensors, rng_key, rng_plan
+from .state import by_path, check_nested, check_tensors, layer_path, rng_key, rng_plan
 
 
 class ScaLoRA(LoRAMethod):
@@ -57,6 +58,12 @@ class ScaLoRA(LoRAMethod):
             (extra buffer per weight) or ``"fp32"`` (float32 master copy). See
             :mod:`optlora.merge`. Float32/64 weights always merge exactly.
         seed: seed of the stochastic-rounding generator (identical on every DDP rank).
+        residual_rank: for layers whose base weight is quantised (bitsandbytes 4/8-bit, GPTQ, ...)
+            and cannot absorb a merge exactly: keep their merged increments in a rank-``R``
+            low-rank residual beside the base layer (:mod:`optlora.residual`), truncated by SVD
+            after each merge; ``stats()["residual_dropped"]`` reports the largest share of the merged
+            increments' norm that truncation cut off (over layers). ``None`` (default)
+            refuses quantised bases. Plain floating-point bases always merge exactly.
         on_nonfinite, skip_unsupported, compute_dtype: as in :class:`optlora.RefLoRA`.
     """
 
@@ -82,6 +89,7 @@ class ScaLoRA(LoRAMethod):
         mode: str = "hybrid",
         merge_precision: str = "auto",
         seed: int = 0,
+        residual_rank: int | None = None,
         **kwargs,
     ):
         kappa = guards.check_kappa(kappa)
@@ -89,7 +97,18 @@ class ScaLoRA(LoRAMethod):
         if mode not in ("hybrid", "column", "scalar"):
             raise ValueError(f"mode must be 'hybrid', 'column' or 'scalar', got {mode!r}")
         merge.resolve_mode(merge_precision, torch.float32)  # validates the name
+        if residual_rank is not None:
+            residual_rank = guards.check_int("residual_rank", residual_rank, 1)
+        self.residual_rank = residual_rank
+        self._quantized_ok = residual_rank is not None  # discovery: quantised bases take a residual, not a refusal
         super().__init__(model, warmup_steps=warmup_steps, interval=interval, **kwargs)
+        #: adapter name -> its low-rank residual, for the adapters on quantised bases
+        self.residuals: dict[str, residual.LowRankResidual] = {}
+        quantized = [f for f in self.factors if residual_rank is not None and quantized_base(f)]
+        if quantized and self.sharded:
+            self._refuse_sharded_residuals(quantized[0].name)  # before a hook is registered on the model
+        for f in quantized:
+            self.residuals[f.name] = residual.attach(f, residual_rank)
         self.name = "scalora" if interval == 1 else "scalora_i"
         self.kappa = float(kappa)
         self.mode = mode
@@ -98,6 +117,8 @@ class ScaLoRA(LoRAMethod):
         self.buffers: dict[str, torch.Tensor] = {}
         shared: dict[int, torch.Tensor | None] = {}  # adapters of one layer merge into one weight: one buffer
         for f in self.factors:
+            if f.name in self.residuals:
+                continue
             key = id(f.base_weight)
             if key not in shared:
                 shared[key] = merge.new_buffer(f.base_weight, merge_precision)
@@ -106,9 +127,13 @@ class ScaLoRA(LoRAMethod):
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def config(self) -> dict:
-        return {**super().config(), "kappa": self.kappa, "mode": self.mode, "merge_precision": self.merge_precision}
+        out = {**super().config(), "kappa": self.kappa, "mode": self.mode, "merge_precision": self.merge_precision}
+        if self.residual_rank is not None:
+            out["residual_rank"] = self.residual_rank
+        return out
 
     def attach(self, optimizer) -> ScaLoRA:
+        self._refuse_sharded_residuals()
         super().attach(optimizer)
         # a model sharded by fully_shard after construction: merge buffers follow their weights' blocks
         sharded: dict[int, torch.Tensor] = {}  # adapters of one weight share one buffer
@@ -119,6 +144,18 @@ class ScaLoRA(LoRAMethod):
                     sharded[id(buf)] = shard_like(buf, f.base_weight)
                 self.buffers[f.name] = sharded[id(buf)]
         return self
+
+    def _refuse_sharded_residuals(self, layer: str | None = None) -> None:
+        """Residuals are whole tensors beside whole base layers: FSDP2-sharded factors are refused (at construction,
+        attach, or the first due step after ``fully_shard``), before anything is touched."""
+        layer = layer or next(iter(self.residuals), None)
+        if layer is not None and self.sharded:
+            raise RuntimeError(
+                f"ScaLoRA(residual_rank=...) keeps whole low-rank residuals beside quantised base layers (e.g. {layer}) "
+                "and does not support FSDP2-sharded LoRA factors; on a sharded quantised model use optlora.RefLoRA "
+                "(or scalar=True for RefLoRA-S), which only touches the LoRA factors, or run ScaLoRA(residual_rank=R) "
+                "in one process or under DDP."
+            )
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -132,6 +169,7 @@ class ScaLoRA(LoRAMethod):
         (``in_range``): the rescaled factors, gradients and moments are finite and the merge keeps
         the model's function to rounding (:meth:`_merge_in_range`). Other layers are not touched.
         """
+        self._refuse_sharded_residuals()  # (sharded after attach): before anything is read or written
         grams = [g.pair_grams(self.compute_dtype) for g in groups]
         plans: list = [None] * len(groups)
         buckets: dict[tuple, list[int]] = {}
@@ -171,17 +209,23 @@ class ScaLoRA(LoRAMethod):
         f = group.factors[0]
         coeff = scalora_merge_coefficient(alpha, beta)
         gram_A, gram_B = pg.gram_SA[:, :r, :r], pg.gram_SB[:, r:, r:]
-        weight_norm = group.weight_norms().to(gram_A.dtype)
+        if f.name in self.residuals:  # ||W_q|| + ||U V|| bounds the weight the layer stands for (homogeneous groups)
+            res = [self.residuals[g.name] for g in group.factors]
+            weight_norm = torch.stack([x.base_norm + x.norm for x in res]).to(gram_A.dtype)
+        else:
+            weight_norm = group.weight_norms().to(gram_A.dtype)
         growth = scalora_merge_growth(gram_A, gram_B, alpha, beta, weight_norm)
         before = weight_norm + (gram_A * gram_B).sum((-2, -1)).clamp_min(0).sqrt()
-        work = torch.promote_types(torch.promote_types(f.lora_B.dtype, f.base_weight.dtype), torch.float32)
+        # the merge target: the base weight, or (quantised base) the float32 residual
+        target = self.residuals[f.name].left.dtype if f.name in self.residuals else f.base_weight.dtype
+        work = torch.promote_types(torch.promote_types(f.lora_B.dtype, target), torch.float32)
         left = pg.amax_SB[:, r:].double() * coeff.double().abs()  # per column of lora_B diag(1 - alpha beta)
         scaling = group.scalings(gram_A.dtype).double()[:, None]  # the cached compute-dtype tensor: no host copy
         # every term of the merge's matmul (and so its partial sums) is at most s |B_ik c_k A_kj|
         product = (scaling * left * pg.amax_SA[:, :r].double()).sum(-1)
         thin = guards.fits(left, work).all(-1) & guards.fits(product, work)
-        merged = guards.fits((growth * before).double(), f.base_weight.dtype)
-        return torch.isfinite(coeff).all(-1) & (growth <= self.max_merge_growth(f.base_weight.dtype)) & thin & merged
+        merged = guards.fits((growth * before).double(), target)
+        return torch.isfinite(coeff).all(-1) & (growth <= self.max_merge_growth(target)) & thin & merged
 
     def max_merge_growth(self, weight_dtype: torch.dtype) -> float:
         """The largest merge growth ``G`` accepted for base weights of ``weight_dtype`` (see :attr:`merge_f32_units`)."""
@@ -202,16 +246,19 @@ class ScaLoRA(LoRAMethod):
         # float64 before a single rounding, so neither a bf16/float32 rounding nor a float32 overflow of the
         # coefficient (tiny factors: alpha*beta > 3e38 while lora_B * coefficient is moderate) reaches the weight
         coeff = scalora_merge_coefficient(alpha.double(), beta.double())
-        group.merge_(coeff, mode=self.merge_precision, buffers=self.buffers, generator=self._generator)
+        if group.factors[0].name in self.residuals:  # quantised bases (groups are homogeneous: group_factors)
+            group.fold_into_residuals_(coeff, [self.residuals[f.name] for f in group.factors], self.compute_dtype)
+        else:
+            group.merge_(coeff, mode=self.merge_precision, buffers=self.buffers, generator=self._generator)
         self._rescale_group_(group, chain_rule_rescaling(alpha, beta))
 
     # ------------------------------------------------------------------ state
     def _layers(self) -> dict[str, torch.Tensor]:
         """Base weight of every merged layer, keyed by its module path (adapters of one layer share it)."""
-        return {_path(f.name): f.base_weight for f in self.factors}
+        return {layer_path(f.name): f.base_weight for f in self.factors if f.name not in self.residuals}
 
     def _layer_buffers(self) -> dict[str, torch.Tensor]:
-        return {_path(f.name): b for f in self.factors if (b := self.buffers.get(f.name)) is not None}
+        return {layer_path(f.name): b for f in self.factors if (b := self.buffers.get(f.name)) is not None}
 
     def _rank(self) -> tuple[int | None, int]:
         """``(rank, world size)`` of the FSDP2 mesh (``(None, 1)`` in one process or under DDP)."""
@@ -222,7 +269,7 @@ class ScaLoRA(LoRAMethod):
 
     def _devices(self) -> list[torch.device]:
         """The devices the base weights (this rank's blocks of them) are on now: one rounding generator each."""
-        return sorted({local(f.base_weight).device for f in self.factors}, key=str)
+        return sorted({local(w).device for w in self._layers().values()}, key=str)
 
     def state_dict(self) -> dict:
         """Counters, the live factors, the merged base weights, merge buffers and the rounding RNG state.
@@ -236,13 +283,16 @@ class ScaLoRA(LoRAMethod):
         ``"<device type>@<rank>"``.
         """
         rank, _ = self._rank()
-        return {
+        out = {
             **super().state_dict(),
             "factors": {f.name: {"lora_A": f.lora_A.detach(), "lora_B": f.lora_B.detach()} for f in self.factors},
             "base_weights": {path: w.detach() for path, w in self._layers().items()},
             "buffers": self._layer_buffers(),
             "rng": {rng_key(d, rank): self._generator(d).get_state() for d in self._devices()},
         }
+        if self.residuals:  # quantised bases are never written: their merged increments live here
+            out["residuals"] = {name: r.state_dict() for name, r in self.residuals.items()}
+        return out
 
     def check_state_dict(self, state) -> None:
         """Config and counters (:meth:`LoRAMethod.check_state_dict`), then every tensor's name, shape and dtype."""
@@ -250,15 +300,14 @@ class ScaLoRA(LoRAMethod):
         missing = [k for k in ("base_weights", "rng") if k not in state]
         if missing:
             raise ValueError(f"a ScaLoRA state_dict needs {missing} (ScaLoRA rewrites the base weights)")
-        check_tensors("base_weights", _by_path(state["base_weights"]), self._layers())
-        check_tensors("buffers", _by_path(state.get("buffers", {})), self._layer_buffers())
+        check_tensors("base_weights", by_path(state["base_weights"]), self._layers())
+        check_tensors("buffers", by_path(state.get("buffers", {})), self._layer_buffers())
         if "factors" in state:  # states saved before the factors were part of it rely on the PEFT adapter
-            factors = state["factors"]
-            if not isinstance(factors, dict) or not all(isinstance(v, dict) for v in factors.values()):
-                raise ValueError("state_dict['factors'] must map 'path[adapter]' -> {'lora_A': ..., 'lora_B': ...}")
-            for which in ("lora_A", "lora_B"):
-                got = {n: v.get(which) for n, v in factors.items()}
-                check_tensors(f"factors.{which}", got, {f.name: getattr(f, which) for f in self.factors})
+            live = {f.name: {"lora_A": f.lora_A, "lora_B": f.lora_B} for f in self.factors}
+            check_nested("factors", state["factors"], live)
+        if self.residuals or "residuals" in state:  # quantised bases: their merged increments (optlora.residual)
+            live = {n: {k: getattr(r, k) for k in residual.STATE_KEYS} for n, r in self.residuals.items()}
+            check_nested("residuals", state.get("residuals", {}), live)
         rng_plan(state["rng"], self._devices(), *self._rank())
 
     def _write_state(self, state) -> None:
@@ -269,7 +318,7 @@ class ScaLoRA(LoRAMethod):
                 "itself is restored exactly)",
                 stacklevel=4,
             )
-        weights, buffers = _by_path(state["base_weights"]), _by_path(state.get("buffers", {}))
+        weights, buffers = by_path(state["base_weights"]), by_path(state.get("buffers", {}))
         with torch.no_grad():  # FSDP2: a whole saved tensor fills this rank's block (copy_into_)
             for f in self.factors if "factors" in state else ():
                 copy_into_(f.lora_A, state["factors"][f.name]["lora_A"])
@@ -278,12 +327,14 @@ class ScaLoRA(LoRAMethod):
                 copy_into_(w, weights[path])
             for path, b in self._layer_buffers().items():
                 copy_into_(b, buffers[path])
+            for name, res in self.residuals.items():
+                res.load_state_dict(state["residuals"][name])
         for dev, st in rng.items():
             self._generator(dev).set_state(st)
         super()._write_state(state)
 
     def _rounds_stochastically(self) -> bool:
-        return any(merge.resolve_mode(self.merge_precision, f.base_weight.dtype) == "stochastic" for f in self.factors)
+        return any(merge.resolve_mode(self.merge_precision, w.dtype) == "stochastic" for w in self._layers().values())
 
     def stats(self) -> dict:
         out = super().stats()
@@ -291,27 +342,20 @@ class ScaLoRA(LoRAMethod):
         if self._last:
             col = self._last["column"]
             out["column_fraction"] = float(col.sum()) / max(1, col.numel())
+        if self.residuals:
+            report = self.residual_report()
+            out["residual_rank"] = self.residual_rank
+            out["residual_dropped"] = max(
+                r["dropped"] / r["merged"] if r["merged"] > 0 else 0.0 for r in report.values()
+            )
         return out
 
-
-def _path(name: str) -> str:
-    """``"path[adapter]"`` -> ``"path"``."""
-    return name.rsplit("[", 1)[0] if name.endswith("]") else name
-
-
-def _by_path(saved):
-    """Key a saved ``{name: tensor}`` by layer path (states saved before this version used ``path[adapter]``)."""
-    if not isinstance(saved, dict):
-        return saved
-    out: dict = {}
-    for name, t in saved.items():
-        path = _path(name) if isinstance(name, str) else name
-        same = (
-            isinstance(t, torch.Tensor)
-            and isinstance(out.get(path), torch.Tensor)
-            and torch.equal(local(out[path]), local(t))
-        )
-        if path in out and not same:
-            raise ValueError(f"state_dict has two different tensors for layer {path!r}")
-        out[path] = t
-    return out
+    def residual_report(self) -> dict[str, dict[str, float]]:
+        """Per quantised layer: ``merged`` = summed Frobenius norm of the merged increments, ``dropped`` = summed
+        norm truncation has cut off (the weight is within ``dropped`` of exact ScaLoRA's), ``norm`` = ``||U V||_F``."""
+        if not self.residuals:
+            return {}
+        dev = next(iter(self.residuals.values())).merged.device  # (a model split over devices: gather on one)
+        rows = torch.stack([torch.stack([r.merged, r.dropped, r.norm]).to(dev) for r in self.residuals.values()])
+        keys = ("merged", "dropped", "norm")
+        return {n: dict(zip(keys, row)) for n, row in zip(self.residuals, rows.cpu().tolist())}  # one sync

@@ -39,14 +39,7 @@ def check_tensors(what: str, saved, live: Mapping[str, torch.Tensor]) -> None:
     """
     if not isinstance(saved, Mapping):
         raise ValueError(f"state_dict[{what!r}] must be a mapping of name -> tensor, got {type(saved).__name__}")
-    missing, extra = sorted(set(live) - set(saved)), sorted(set(saved) - set(live))
-    if missing or extra:
-        raise ValueError(
-            f"state_dict[{what!r}] does not match this model's LoRA layers: "
-            + (f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''} " if missing else "")
-            + (f"unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}" if extra else "")
-            + ". Was it saved from a model with the same LoRA configuration?"
-        )
+    _check_names(what, saved, live)
     for name, want in live.items():
         got = saved[name]
         if not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype:
@@ -60,6 +53,49 @@ def check_tensors(what: str, saved, live: Mapping[str, torch.Tensor]) -> None:
                 f"state_dict[{what!r}][{name!r}] is {describe(got)}, this model has {describe(want)}{hint}: "
                 "nothing was loaded"
             )
+
+
+def _check_names(what: str, saved: Mapping, live: Mapping) -> None:
+    missing, extra = sorted(set(live) - set(saved)), sorted(set(saved) - set(live))
+    if missing or extra:
+        raise ValueError(
+            f"state_dict[{what!r}] does not match this model's LoRA layers: "
+            + (f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''} " if missing else "")
+            + (f"unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}" if extra else "")
+            + ". Was it saved from a model with the same LoRA configuration?"
+        )
+
+
+def check_nested(what: str, saved, live: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """:func:`check_tensors` for ``{name: {key: tensor}}`` (a layer's factors, a low-rank residual's parts)."""
+    if not isinstance(saved, Mapping) or not all(isinstance(v, Mapping) for v in saved.values()):
+        raise ValueError(f"state_dict[{what!r}] must map 'path[adapter]' -> {{name: tensor}}")
+    _check_names(what, saved, live)  # names first (also where ``live`` is empty)
+    for key in sorted({k for v in live.values() for k in v}):
+        check_tensors(f"{what}.{key}", {n: v.get(key) for n, v in saved.items()}, {n: v[key] for n, v in live.items()})
+
+
+def layer_path(name: str) -> str:
+    """``"path[adapter]"`` -> ``"path"``."""
+    return name.rsplit("[", 1)[0] if name.endswith("]") else name
+
+
+def by_path(saved):
+    """Key a saved ``{name: tensor}`` by layer path (states saved before this version used ``path[adapter]``)."""
+    if not isinstance(saved, dict):
+        return saved
+    out: dict = {}
+    for name, t in saved.items():
+        path = layer_path(name) if isinstance(name, str) else name
+        same = (
+            isinstance(t, torch.Tensor)
+            and isinstance(out.get(path), torch.Tensor)
+            and torch.equal(local(out[path]), local(t))
+        )
+        if path in out and not same:
+            raise ValueError(f"state_dict has two different tensors for layer {path!r}")
+        out[path] = t
+    return out
 
 
 def _count(key: str, value) -> int:
@@ -78,7 +114,11 @@ def check_counters(state, config: dict) -> None:
     saved = state["config"]
     if saved != config:
         diff = (
-            {k: (saved.get(k), config.get(k)) for k in set(saved) | set(config) if saved.get(k) != config.get(k)}
+            {
+                k: (saved.get(k), config.get(k))
+                for k in sorted(set(saved) | set(config))
+                if saved.get(k) != config.get(k)
+            }
             if isinstance(saved, Mapping)
             else saved
         )

@@ -5,6 +5,8 @@ Used by the test-suite, the benchmarks, the examples and the experiments' ``--mo
 * :func:`tiny_llama`, :func:`tiny_gpt2` (``Conv1D``: PEFT's ``fan_in_fan_out``),
   :func:`tiny_bert_classifier` -- base models of any size from a handful of config numbers;
 * :func:`word_tokenizer` (``w0 .. wN``) and :func:`char_tokenizer` (printable ASCII), offline;
+* quantised bases: :func:`quantized_tiny_llama` (bitsandbytes 4/8-bit through ``BitsAndBytesConfig``,
+  what QLoRA users load) and :func:`bnb_unavailable` (why it cannot run here);
 * benchmark shapes: :data:`SPECS` (``tiny-llama``, ``llama3-8b`` layer shapes, the real ``minilm``),
   :func:`build` (PEFT LoRA on all linear layers) and :func:`make_batch`.
 """
@@ -91,6 +93,64 @@ def tiny_bert_classifier(
         pad_token_id=pad_token_id,
     )
     return BertForSequenceClassification(cfg)
+
+
+# ---------------------------------------------------------------------------------------- quantised bases
+def bnb_unavailable() -> str | None:
+    """Why bitsandbytes' 4-bit and 8-bit layers cannot run in this process, or ``None`` if they can.
+
+    Imports bitsandbytes and runs one tiny 4-bit and one 8-bit forward on the CPU (bitsandbytes
+    >= 0.48 has CPU kernels; older versions and some builds need CUDA).
+    """
+    try:
+        import bitsandbytes as bnb
+    except Exception as exc:  # ImportError, or a broken native library
+        return f"bitsandbytes cannot be imported ({type(exc).__name__}: {exc})"
+    try:
+        w = torch.randn(32, 64)
+        q4 = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.float32)
+        q4.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4")
+        q8 = bnb.nn.Linear8bitLt(64, 32, bias=False, has_fp16_weights=False)
+        q8.weight = bnb.nn.Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False)
+        x = torch.randn(2, 64, requires_grad=True)
+        (q4.to("cpu")(x).sum() + q8.to("cpu")(x).sum()).backward()
+    except Exception as exc:
+        return f"bitsandbytes {bnb.__version__} 4/8-bit layers do not run on this CPU ({type(exc).__name__}: {exc})"
+    return None
+
+
+def quantized_tiny_llama(
+    directory,
+    bits: int = 4,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+    hidden: int = 64,
+    intermediate: int = 128,
+    layers: int = 1,
+    heads: int = 2,
+    kv_heads: int = 1,
+    vocab: int = 32,
+    seed: int = 0,
+):
+    """:func:`tiny_llama` saved to ``directory`` and loaded back with ``BitsAndBytesConfig`` (4-bit NF4 or 8-bit).
+
+    This is how QLoRA users load a model, and the path on which PEFT dispatches to its
+    bitsandbytes LoRA layers. The default sizes are what bitsandbytes' CPU kernels accept
+    (its CPU inference path repacks 4-bit weights in blocks of 32 output and 64 input features).
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    model = tiny_llama(
+        hidden=hidden, intermediate=intermediate, layers=layers, heads=heads, kv_heads=kv_heads, vocab=vocab, seed=seed
+    )
+    model.save_pretrained(directory)
+    if bits == 4:
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+    else:
+        quant = BitsAndBytesConfig(load_in_8bit=True)
+    return AutoModelForCausalLM.from_pretrained(directory, quantization_config=quant, device_map="cpu")
 
 
 # ---------------------------------------------------------------------------------------- tokenizers

@@ -236,3 +236,12 @@ def adamw_step(p, g, st, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
     p = p * (1 - lr * weight_decay)
     p = p - lr * (m / (1 - b1**t)) / (np.sqrt(vv / (1 - b2**t)) + eps)
     return p, new
+
+
+# --------------------------------------------------------------------------- low-rank truncation
+
+
+def best_rank_k(X: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+    """Eckart-Young-Mirsky: the truncated SVD ``X_k`` and ``||X - X_k||_F`` (dense, numpy)."""
+    U, S, Vh = np.linalg.svd(X, full_matrices=False)
+    return (U[:, :k] * S[:k]) @ Vh[:k], float(np.sqrt(np.sum(S[k:] ** 2)))
