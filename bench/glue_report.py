@@ -22,6 +22,24 @@ from optlora.experiments import results
 from optlora.experiments.aggregate import aggregate, convergence, select_lrs
 from optlora.experiments.plots import plot_runs
 
+ORDER = (
+    "lora",
+    "reflora",
+    "reflora_s",
+    "scalora",
+    "scalora_i",
+    "lora_r32",
+    "dora",
+    "pissa",
+    "loraplus",
+    "full",
+    "galore",
+)
+
+
+def _order(method: str) -> int:
+    return ORDER.index(method) if method in ORDER else len(ORDER)
+
 
 def _fmt(v, digits=4) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
@@ -60,12 +78,12 @@ def report(folder: Path, img: Path | None, smooth: float) -> None:
     print(f"\n### {task} ({len(records)} runs; score = {metric} on dev)\n")
     print("lr grid (seed 0, scored on the held-out part of train):\n")
     print("| method | lr | held-out score | dev score |\n|---|---|---|---|")
-    for r in sorted((r for r in records if r["seed"] == 0), key=lambda r: (r["method"], r["config"]["lr"])):
+    for r in sorted((r for r in records if r["seed"] == 0), key=lambda r: (_order(r["method"]), r["config"]["lr"])):
         f = r["final"]
         print(f"| {r['method']} | {r['config']['lr']:g} | {_fmt(f.get('selection_score'))} | {_fmt(f.get('score'))} |")
     best = select_lrs(records)
     chosen = [r for r in records if r["config"]["lr"] == best[r["method"]]]
-    rows = aggregate(chosen)
+    rows = sorted(aggregate(chosen), key=lambda row: _order(row["method"]))
     lora = {r["seed"]: r for r in chosen if r["method"] == "lora"}
     print("\n| method | lr | seeds | dev score (mean ± std) | vs LoRA: diff (p t-test / p Wilcoxon) | steps to LoRA's "
           "final loss (reached) | CPU s to it | CPU ms/step | train loss (last 10) | update rank | column branch | "
