@@ -5,11 +5,14 @@ Pure math on torch tensors (no model, no PEFT). :func:`svd_compress` is the Ecka
 rank in ``O(m n k)`` by a randomized range finder and states the exact error of what it returns;
 :func:`rounding_floor` is the error that storing a weight in its own dtype costs, below which an
 update is not worth compressing. Used by :mod:`optlora.export` and, through it, :mod:`optlora.persist`.
+:func:`truncate_low_rank` re-truncates a product of factors without forming it (the residuals of
+:mod:`optlora.residual`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -182,3 +185,49 @@ def rounding_floor(weight: torch.Tensor) -> float:
     _, exponent = torch.frexp(w)
     ulp = torch.ldexp(torch.full_like(w, torch.finfo(weight.dtype).eps / 2), exponent)
     return float(torch.where(w == 0, 0.0, ulp).double().square().sum() / 12) ** 0.5
+
+
+class LowRank(NamedTuple):
+    """``X ~ left @ right`` with the Frobenius norms of what was kept and what was cut off."""
+
+    left: torch.Tensor  # (..., m, k)
+    right: torch.Tensor  # (..., k, n)
+    kept_sq: torch.Tensor  # (...,)  ||left @ right||_F^2
+    dropped_sq: torch.Tensor  # (...,)  ||X - left @ right||_F^2
+
+
+def truncate_low_rank(left: torch.Tensor, right: torch.Tensor, rank: int) -> LowRank:
+    """Best rank-``rank`` approximation of ``X = left @ right`` (``(..., m, p) @ (..., p, n)``) from its factors.
+
+    Eckart-Young-Mirsky: the truncated SVD is the best approximation of its rank in Frobenius
+    norm, and the error is the norm of the dropped singular values. ``X`` is never formed:
+    ``left = Q1 R1``, ``right^T = Q2 R2`` (thin QR), ``X = Q1 (R1 R2^T) Q2^T``, and the SVD of
+    the small core ``R1 R2^T`` gives ``X``'s, in ``O((m + n) p^2 + p^3)``. The factors split the
+    kept singular values evenly (``left = U_k sqrt(S_k)``, ``right = sqrt(S_k) V_k^T``) and are
+    zero-padded to ``rank`` columns when ``X`` has fewer singular values.
+
+    ScaLoRA on a quantised base keeps its merged increments (ScaLoRA Sec. 3.1) in such a
+    residual (:mod:`optlora.residual`); ``dropped_sq`` is exactly how far the truncation moves
+    the model's weight.
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    Q1, R1 = torch.linalg.qr(left)
+    Q2, R2 = torch.linalg.qr(right.mT)
+    U, S, Vh = torch.linalg.svd(R1 @ R2.mT)
+    k = min(rank, S.shape[-1])
+    root = S[..., :k].sqrt()
+    new_left = Q1 @ (U[..., :k] * root[..., None, :])
+    new_right = (root[..., :, None] * Vh[..., :k, :]) @ Q2.mT
+    if k < rank:
+        new_left = torch.cat([new_left, new_left.new_zeros(*new_left.shape[:-1], rank - k)], -1)
+        new_right = torch.cat(
+            [new_right, new_right.new_zeros(*new_right.shape[:-2], rank - k, new_right.shape[-1])], -2
+        )
+    s2 = S.square()
+    return LowRank(new_left, new_right, s2[..., :k].sum(-1), s2[..., k:].sum(-1))
+
+
+def low_rank_sqnorm(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``||left @ right||_F^2 = sum((left^T left) o (right right^T))`` without forming the product (``(...,)``)."""
+    return ((left.mT @ left) * (right @ right.mT)).sum((-2, -1))

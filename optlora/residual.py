@@ -9,7 +9,7 @@ With ``ScaLoRA(residual_rank=R)`` such a layer instead carries a frozen rank-``R
     y = base(x) + x V^T U^T + s * lora_B(lora_A(x)),
 
 i.e. the weight ``W_q + U V + s B A``. Each merge adds the rank-r increment to ``U V`` and
-truncates the sum back to rank ``R`` (:func:`optlora.functional.truncate_low_rank`). While
+truncates the sum back to rank ``R`` (:func:`optlora.compress.truncate_low_rank`). While
 the merged increments span at most ``R`` dimensions this is exact up to float rounding; after
 that each truncation drops the smallest singular directions, and their Frobenius norm is
 added to :attr:`LowRankResidual.dropped`: the weight then differs from exact ScaLoRA's by at
@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .compress import low_rank_sqnorm, truncate_low_rank
 from .discovery import LoRAFactors
-from .functional import low_rank_sqnorm, truncate_low_rank
 
 #: attribute of a base layer holding ``{adapter: LowRankResidual}``
 ATTR = "optlora_residuals"

@@ -10,8 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from scipy.optimize import nnls
 
 from optlora import functional as F
@@ -415,36 +413,3 @@ def test_reflora_s_scale_never_overflows():
 
 
 # --------------------------------------------------------------------------- low-rank truncation (residuals)
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    seed=st.integers(0, 2**31 - 1),
-    m=st.integers(1, 9),
-    n=st.integers(1, 9),
-    p=st.integers(1, 8),
-    k=st.integers(1, 8),
-)
-def test_truncate_low_rank_is_the_truncated_svd(seed, m, n, p, k):
-    """Eckart-Young from the factors: the same matrix and dropped norm as numpy's SVD of the dense product."""
-    rng = np.random.default_rng(seed)
-    left, right = rng.standard_normal((3, m, p)), rng.standard_normal((3, p, n))
-    out = F.truncate_low_rank(torch.tensor(left), torch.tensor(right), k)
-    assert out.left.shape == (3, m, k) and out.right.shape == (3, k, n)
-    for i in range(3):
-        X = left[i] @ right[i]
-        Xk, dropped = ref.best_rank_k(X, k)
-        scale = max(1.0, np.abs(X).max())
-        np.testing.assert_allclose((out.left[i] @ out.right[i]).numpy(), Xk, atol=1e-9 * scale)
-        assert np.sqrt(out.dropped_sq[i].item()) == pytest.approx(dropped, abs=1e-7 * scale)
-        assert out.kept_sq[i].item() + out.dropped_sq[i].item() == pytest.approx(float(np.sum(X * X)), rel=1e-9)
-        if min(m, n, p) <= k:  # rank(X) <= k: nothing is dropped
-            np.testing.assert_allclose((out.left[i] @ out.right[i]).numpy(), X, atol=1e-9 * scale)
-
-
-def test_truncate_low_rank_zero_matrix_and_bad_rank():
-    out = F.truncate_low_rank(torch.zeros(4, 3), torch.zeros(3, 5), 2)
-    assert torch.equal(out.left, torch.zeros(4, 2)) and torch.equal(out.right, torch.zeros(2, 5))
-    assert out.dropped_sq.item() == 0.0 and out.kept_sq.item() == 0.0
-    with pytest.raises(ValueError, match="rank must be >= 1"):
-        F.truncate_low_rank(torch.zeros(4, 3), torch.zeros(3, 5), 0)
