@@ -139,20 +139,11 @@ class Guard:
             if is_main and self.exact_state:
                 self.write_state(model, directory)
             return None
-        selected = list(opts.get("selected_adapters") or model.peft_config)
-        trained = sorted({f.adapter for f in m.factors})
-        mine = [a for a in trained if a in selected]
-        if len(trained) > 1 and mine:
-            raise ValueError(
-                f"{type(m).__name__} trains {len(trained)} adapters ({trained}) that merge into shared base "
-                "weights; their accumulated update cannot be split into separate adapters. Save the full "
-                "model (optlora.export.export_merged) and the state (optlora.checkpoint.save_state)."
-            )
+        _, mine, others = self.split_adapters(model, opts)
         written = None
         if mine and is_main:  # compute first: anything that can fail fails before a file is written
             self.originals.require([f.name for f in lora_layers(model, mine[0]) if not quantized_base(f)])
             written = self.update_adapter(model, mine[0], directory)
-        others = [a for a in selected if a not in trained]
         if others:
             original(model, directory, **{**opts, "selected_adapters": others}, **extra)
         if written is not None:
@@ -160,6 +151,22 @@ class Guard:
         if is_main and self.exact_state:
             self.write_state(model, directory)
         return None
+
+    def split_adapters(self, model, opts: dict) -> tuple[list[str], list[str], list[str]]:
+        """``(trained, mine, others)``: the adapters the method trains, those of them ``save_pretrained`` selected,
+        and the selected ones it does not train; refuses (nothing written) when several trained adapters merge
+        into the same base weights, whose accumulated update cannot be split between them."""
+        m = self.method
+        selected = list(opts.get("selected_adapters") or model.peft_config)
+        trained = sorted({f.adapter for f in m.factors})
+        mine = [a for a in trained if a in selected]
+        if len(trained) > 1 and mine:
+            raise ValueError(
+                f"{type(m).__name__} trains {len(trained)} adapters ({trained}) that merge into shared base "
+                "weights; their accumulated update cannot be split into separate adapters. Nothing was written. "
+                "Save the full model (optlora.export.export_merged) and the state (optlora.checkpoint.save_state)."
+            )
+        return trained, mine, [a for a in selected if a not in trained]
 
     def update_adapter(self, model, adapter: str, directory: str, *, tensors_of=None, peft_state=None):
         """``(folder, (config, tensors, report))`` of the accumulated update of ``adapter`` (nothing written)."""

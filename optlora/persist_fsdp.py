@@ -121,16 +121,7 @@ def _agree(error: Exception | None, group) -> None:
 
 def _trained_adapter(guard, model, opts: dict) -> str | None:
     """The adapter the method trains, if selected; refuses what cannot be written (shared base weights)."""
-    m = guard.method
-    selected = list(opts.get("selected_adapters") or model.peft_config)
-    trained = sorted({f.adapter for f in m.factors})
-    mine = [a for a in trained if a in selected]
-    if len(trained) > 1 and mine:
-        raise ValueError(
-            f"{type(m).__name__} trains {len(trained)} adapters ({trained}) that merge into shared base weights; "
-            "their accumulated update cannot be split into separate adapters. Nothing was written."
-        )
-    others = [a for a in selected if a not in trained]
+    trained, mine, others = guard.split_adapters(model, opts)
     if others:
         raise ValueError(
             f"under FSDP2 the guarded save_pretrained writes the adapter the method trains ({trained}), not {others}: "
