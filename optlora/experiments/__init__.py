@@ -7,7 +7,10 @@
   :mod:`~optlora.experiments.data` (loaders), :mod:`~optlora.experiments.baselines` (methods),
   :mod:`~optlora.experiments.harness` (one run on ``transformers.Trainer``),
   :mod:`~optlora.experiments.callbacks` (per-step records), :mod:`~optlora.experiments.metrics`
-  and :mod:`~optlora.experiments.aggregate` (lr selection, paired tests, convergence);
+  and :mod:`~optlora.experiments.aggregate` (lr selection, paired tests, convergence); the sweep loop
+  :mod:`~optlora.experiments.runner` with :mod:`~optlora.experiments.schedule` (run order, lr grid
+  extension) and :mod:`~optlora.experiments.claims` (several processes sharing one ``--out``);
+* :mod:`optlora.experiments.compact` -- compact run records for the repository;
 * :mod:`optlora.experiments.results` -- result files shared by every experiment (JSON per run, CSV summary);
 * :mod:`optlora.experiments.plots` -- figures from any result file (``optlora plot``);
 * :mod:`optlora.experiments.demo` -- a short end-to-end comparison (``optlora demo``), offline on

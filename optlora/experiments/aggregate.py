@@ -19,6 +19,7 @@ import statistics
 from pathlib import Path
 
 from . import results
+from .compact import telemetry_summary
 from .metrics import paired_tests
 
 REFERENCE = "lora"
@@ -30,10 +31,18 @@ def _finite(v) -> bool:
 
 
 def select_lrs(records: list[dict]) -> dict[str, float]:
-    """Best lr per method on the held-out part of train, judged on each method's first (smallest) seed."""
+    """Best lr per method on the held-out part of train, judged on each method's first (smallest) seed.
+
+    A method whose records carry the sweep's final selection (``record["selection"]``, see
+    :mod:`~optlora.experiments.schedule`) keeps that lr.
+    """
     best: dict[str, float] = {}
     for method in dict.fromkeys(r["method"] for r in records):
         rs = [r for r in records if r["method"] == method]
+        recorded = {(r.get("selection") or {}).get("selected_lr") for r in rs} - {None}
+        if len(recorded) == 1:
+            best[method] = recorded.pop()
+            continue
         seed0 = min(r["seed"] for r in rs)
         grid = [r for r in rs if r["seed"] == seed0]
 
@@ -91,6 +100,11 @@ def aggregate(records: list[dict], window: int | None = None) -> list[dict]:
             if vals:
                 row[f"{k}_mean"] = statistics.mean(vals)
                 row[f"{k}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        for k in ("update_rank", "column_fraction"):  # telemetry (compact.telemetry_summary)
+            vals = [t[k] for t in map(telemetry_summary, rs) if _finite(t.get(k))]
+            if vals:
+                row[f"{k}_mean"] = statistics.mean(vals)
+                row[f"{k}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
         for key, v in rs[0]["final"].items():  # how much of each evaluation set was scored
             if key.endswith(("_examples", "_total")):
                 row[key] = v
@@ -119,22 +133,27 @@ def _pm(row: dict, key: str, digits: int = 4) -> str:
 def format_table(rows: list[dict], metric: str = "score") -> str:
     """Markdown table of :func:`aggregate` rows."""
     head = ["method", "lr", "seeds", metric, "vs LoRA (p t / p W)", "steps (s) to LoRA loss", "ms/step", "CPU ms/step",
-            "peak MB"]  # fmt: skip
+            "peak MB", "update rank", "column branch"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         d = r.get("vs_lora_diff_mean")
         vs = "-" if d is None else f"{d:+.4f} ({_p(r.get('vs_lora_ttest_p'))} / {_p(r.get('vs_lora_wilcoxon_p'))})"
         st = r.get("steps_to_lora_loss_mean")
         conv = "-" if "reached_lora_loss" not in r else (
-            f"{st:.0f} ({r['seconds_to_lora_loss_mean']:.0f} s), {r['reached_lora_loss']}" if st is not None
+            f"{st:.0f} ({_num(r['seconds_to_lora_loss_mean'], 0)} s), {r['reached_lora_loss']}" if st is not None
             else f"never, {r['reached_lora_loss']}"
         )  # fmt: skip
         nums = [f"{r.get(k + '_mean'):.0f}" if r.get(k + "_mean") is not None else "n/a"
                 for k in ("ms_per_step", "cpu_ms_per_step", "peak_memory_mb")]  # fmt: skip
+        nums += [_num(r.get("update_rank_mean"), 1), _num(r.get("column_fraction_mean"), 2)]
         lines.append(
             "| " + " | ".join([r["method"], f"{r['lr']:g}", str(r["seeds"]), _pm(r, metric), vs, conv, *nums]) + " |"
         )
     return "\n".join(lines)
+
+
+def _num(v, digits: int) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
 
 
 def _p(v) -> str:
@@ -161,11 +180,13 @@ def describe_scoring(records: list[dict]) -> str:
     return f"score = {metric}{avg} on {', '.join(parts)} examples{base}"
 
 
-def summarize(records: list[dict], out_dir: str | Path, window: int | None = None, plots: bool = True) -> list[dict]:
-    """``summary.csv`` (every run), ``aggregate.csv`` (selected lr per method), plots; prints the table."""
+def summarize(records: list[dict], out_dir: str | Path, window: int | None = None, plots: bool = True,
+              selected: dict[str, float] | None = None) -> list[dict]:  # fmt: skip
+    """``summary.csv`` (every run), ``aggregate.csv`` (per method at ``selected`` lr, default :func:`select_lrs`),
+    plots; prints the table."""
     out = Path(out_dir)
     results.write_summary_csv(out / "summary.csv", records)
-    best = select_lrs(records)
+    best = selected or select_lrs(records)
     chosen = [r for r in records if r["config"]["lr"] == best[r["method"]]]
     rows = aggregate(chosen, window)
     results.write_csv(out / "aggregate.csv", rows)

@@ -17,8 +17,13 @@ Outputs in ``--out``: one JSON per run, written the moment it finishes
 its selected lr: mean +- std over seeds, a paired t-test / Wilcoxon test against LoRA on the
 same seeds, and the step / second at which the smoothed training loss reaches LoRA's final one,
 :mod:`optlora.experiments.aggregate`) and ``plots/``. ``--resume`` reuses finished runs whose
-config matches, so an interrupted sweep continues where it stopped; with ``--save-steps`` an
-unfinished run also resumes from its last Trainer checkpoint.
+config matches (a key missing from an older record counts as its default; ``--epochs`` and the
+equivalent ``--steps`` are the same run), so an interrupted sweep continues where it stopped; with
+``--save-steps`` an unfinished run also resumes from its last Trainer checkpoint. Several processes may
+run the same sweep in one ``--out`` (:mod:`~optlora.experiments.runner`: each run is claimed, each
+keeps its own checkpoint folder); one that finds nothing it can run exits with status 3.
+``--lr-extend`` extends a grid whose best lr is at an edge (:mod:`~optlora.experiments.schedule`);
+``--records-dir`` gets a compact copy of every record (:mod:`~optlora.experiments.compact`).
 
 Full GPU run, SmolLM2 on the math mix::
 
@@ -30,18 +35,16 @@ from __future__ import annotations
 
 import argparse
 import gc
-import re
-import shutil
+import math
 import sys
 from pathlib import Path
 
 import torch
 
-from . import results
-from .aggregate import select_lrs, summarize
+from . import runner, schedule
 from .baselines import FULL_METHODS, METHODS, galore_unavailable
 from .data import DataError, TaskData, describe, load_task
-from .harness import prepare, train_one
+from .harness import prepare
 from .models import ModelError, default_model, load_tokenizer
 
 DEFAULT_LRS = {"classification": [1e-3], "regression": [1e-3], "generation": [5e-4]}
@@ -49,8 +52,6 @@ DEFAULT_FULL_LRS = {"classification": [5e-5], "regression": [5e-5], "generation"
 QUICK = dict(
     task="gsm8k_match", methods=["lora", "reflora", "scalora"], steps=16, batch_size=16, max_len=96, eval_samples=200
 )
-#: options that do not change a run's result (ignored when --resume compares configs)
-_NOT_COMPARED = ("progress", "threads", "data_dir", "save_steps")
 
 
 class UsageError(ValueError):
@@ -69,6 +70,7 @@ def default_config(kind: str, task: str | None = None, data: TaskData | None = N
         "device": "auto",
         "dtype": "float32",
         "steps": 20 if gen else 300,
+        "epochs": None,  # sets steps (see epochs_to_steps); the record keeps both
         "batch_size": 8 if gen else 16,
         "grad_accum": 1,
         # covers every training example of the local data: SST-2 / CoLA <= 57 tokens, MRPC <= 103, STS-B <= 88,
@@ -100,10 +102,6 @@ def default_config(kind: str, task: str | None = None, data: TaskData | None = N
     }
 
 
-def _run_name(task: str, method: str, lr: float, seed: int) -> str:
-    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', task)}_{method}_lr{lr:g}_seed{seed}"
-
-
 def run_finetune(
     task: str,
     methods: list[str],
@@ -115,88 +113,79 @@ def run_finetune(
     resume: bool = False,
     allow_sample: bool = False,
     plots: bool = True,
+    lr_extend: bool = False,
+    lr_min: float = schedule.LR_MIN,
+    lr_max: float = schedule.LR_MAX,
+    records_dir: str | Path | None = None,
     **opts,
 ) -> list[dict]:
     """Run the sweep (see the module docstring) and return the run records.
 
-    ``opts`` override :func:`default_config` (e.g. ``steps=50, model="tiny"``); ``allow_sample``
-    lets the data fall back to the embedded sample (``optlora demo``); ``plots=False`` skips the figures.
+    ``opts`` override :func:`default_config` (e.g. ``steps=50, model="tiny"``; ``epochs=N`` sets ``steps``
+    to ``ceil(N * train examples / (batch_size * grad_accum))``); ``allow_sample`` lets the data fall back
+    to the embedded sample (``optlora demo``); ``plots=False`` skips the figures; ``lr_extend`` extends a
+    grid whose best lr is at an edge within ``[lr_min, lr_max]`` (:mod:`~optlora.experiments.schedule`);
+    ``records_dir`` receives a compact copy of every record (:mod:`~optlora.experiments.compact`).
+    Raises :class:`~optlora.experiments.runner.SweepPending` when other processes sharing ``out_dir``
+    hold every remaining run.
     """
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise UsageError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
     seeds = list(seeds)
-    if not seeds:
-        raise UsageError("give at least one seed")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UsageError(f"give at least one seed, each once (got {seeds})")
     unknown = set(opts) - set(default_config("classification"))
     if unknown:
         raise UsageError(f"unknown option(s) {sorted(unknown)}")
+    if opts.get("epochs") is not None and opts.get("steps") is not None:
+        raise UsageError("give --steps or --epochs, not both")
+    if opts.get("epochs") is not None and not opts["epochs"] > 0:
+        raise UsageError(f"--epochs must be > 0, got {opts['epochs']}")
+    if not 0 < lr_min <= lr_max:
+        raise UsageError(f"need 0 < --lr-min <= --lr-max, got {lr_min} and {lr_max}")
     data = load_task(task, opts.get("data_dir"), train_sets=opts.get("train_sets"), eval_sets=opts.get("eval_sets"),
                      allow_sample=allow_sample)  # fmt: skip
-    cfg = default_config(data.kind, data.name, data)
-    cfg.update({k: v for k, v in opts.items() if v is not None})
+    defaults = default_config(data.kind, data.name, data)
+    cfg = {**defaults, **{k: v for k, v in opts.items() if v is not None}}
     cfg["model"] = cfg["model"] or default_model(data.kind)
     lrs, full_lrs = list(lrs or DEFAULT_LRS[data.kind]), list(full_lrs or DEFAULT_FULL_LRS[data.kind])
     if (len(lrs) > 1 or len(full_lrs) > 1) and cfg["holdout_frac"] == 0:
         raise UsageError("an lr grid needs a held-out part of train to choose on: set --holdout-frac > 0")
+    if lr_extend and len(set(lrs)) < 2:
+        raise UsageError("--lr-extend needs a grid of at least 2 lrs")
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     prep = prepare(data, load_tokenizer(cfg["model"], data.kind), cfg)
+    if cfg["epochs"] is not None:
+        cfg["steps"] = epochs_to_steps(cfg["epochs"], prep.info["train_examples"], cfg["batch_size"], cfg["grad_accum"])
+    print(describe(data))
+    print(
+        f"train on {prep.info['train_examples']} examples, lr selection on {prep.info.get('holdout_examples', 0)} "
+        f"held out; {cfg['steps']} steps of {cfg['batch_size'] * cfg['grad_accum']} examples"
+    )
+    run_methods = []
+    for method in methods:
+        if method == "galore" and galore_unavailable():
+            print(f"skipping galore: {galore_unavailable()}")
+        else:
+            run_methods.append(method)
+    grids = {m: (full_lrs if m in FULL_METHODS else lrs) for m in run_methods}
     # Every run collects garbage several times (memory baseline, the Trainer's clean-up); with the
     # libraries' and the data's long-lived objects frozen out of the collector that takes ms, not ~1 s.
     gc.freeze()
     try:
-        return _sweep(data, prep, cfg, methods, seeds, lrs, full_lrs, resume, Path(out_dir), plots)
+        return runner.sweep(prep, cfg, defaults, run_methods, seeds, grids, resume=resume, out=Path(out_dir),
+                            plots=plots, extend=lr_extend, lr_min=lr_min, lr_max=lr_max,
+                            records_dir=records_dir)  # fmt: skip
     finally:
         gc.unfreeze()
 
 
-def _sweep(data, prep, cfg, methods, seeds, lrs, full_lrs, resume, out: Path, plots: bool) -> list[dict]:
-    print(describe(data))
-    print(
-        f"train on {prep.info['train_examples']} examples, lr selection on {prep.info.get('holdout_examples', 0)} held out"
-    )
-    records: list[dict] = []
-
-    def one(method: str, lr: float, seed: int, score_holdout: bool) -> dict:
-        name = _run_name(data.name, method, lr, seed)
-        done, ckpt = out / f"{name}.json", out / "checkpoints" / name
-        if resume and done.is_file():
-            rec = results.read_json(done)
-            same = all(rec["config"].get(k) == v for k, v in cfg.items() if k not in _NOT_COMPARED)
-            if (
-                same
-                and rec["config"].get("data") == prep.info
-                and (not score_holdout or "selection_score" in rec["final"])
-            ):
-                print(f"reusing {done}")
-                records.append(rec)
-                return rec
-        if not resume:
-            shutil.rmtree(ckpt, ignore_errors=True)
-        print(f"== {data.name} {method} lr={lr:g} seed={seed}", flush=True)
-        rec = train_one(prep, method, lr, seed, cfg, score_holdout=score_holdout, run_dir=ckpt)
-        results.write_run(done, rec)  # at once: an interrupted sweep keeps its finished runs
-        records.append(rec)
-        return rec
-
-    for method in methods:
-        if method == "galore" and galore_unavailable():
-            print(f"skipping galore: {galore_unavailable()}")
-            continue
-        grid = full_lrs if method in FULL_METHODS else lrs
-        tried = [one(method, lr, seeds[0], score_holdout=len(grid) > 1) for lr in grid]
-        best = select_lrs(tried)[method]
-        for seed in seeds[1:]:
-            one(method, best, seed, score_holdout=False)
-        for r in records:
-            if r["method"] == method:
-                r["config"]["selected_lr"] = best
-                results.write_run(out / f"{_run_name(data.name, method, r['config']['lr'], r['seed'])}.json", r)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    summarize(records, out, cfg["smooth_window"], plots=plots)
-    return records
+def epochs_to_steps(epochs: float, examples: int, batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps of ``epochs`` passes over ``examples``: ``ceil(epochs * examples / (batch_size * grad_accum))``."""
+    return max(1, math.ceil(epochs * examples / (batch_size * grad_accum)))
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -233,6 +222,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--holdout-max", type=int, default=None, help="at most this many held-out examples (default 2000)")
     a("--split-seed", type=int, default=None, help="seed of the held-out split and of the subsets (default 0)")
     a("--steps", type=int, default=None, help="optimizer steps per run (default 300; generation 20)")
+    a("--epochs", type=float, default=None, help="instead of --steps: passes over the training examples "
+      "(steps = ceil(epochs * examples / (batch size * grad accum)))")  # fmt: skip
     a("--batch-size", type=int, default=None, help="training batch size per step (default 16; generation 8)")
     a("--grad-accum", type=int, default=None, help="gradient accumulation steps (default 1)")
     a("--max-len", type=int, default=None, help="max tokens per example (default 64 sst2/cola, else 128; "
@@ -289,7 +280,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--device", choices=["auto", "cpu", "cuda"], default=None, help="auto (default), cpu or cuda")
     a("--dtype", choices=["float32", "bfloat16"], default=None, help="model dtype (default float32)")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 on a busy machine)")
-    a("--resume", action="store_true", help="reuse finished runs' JSONs in --out (same config)")
+    a("--resume", action="store_true", help="reuse finished runs' JSONs in --out (same config); several processes "
+      f"may share one --out (each run is claimed); exit status {runner.EXIT_PENDING} when the runs left are all "
+      "held by others")  # fmt: skip
+    a("--lr-extend", action="store_true", help="extend a grid whose best lr is at an edge with the next 1-2-5 point")
+    a("--lr-min", type=float, default=schedule.LR_MIN, help="--lr-extend goes no lower (default %(default)g)")
+    a("--lr-max", type=float, default=schedule.LR_MAX, help="--lr-extend goes no higher (default %(default)g)")
+    a("--records-dir", default=None, help="also write a compact copy of every run record here (for the repository)")
     a("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
@@ -307,8 +304,12 @@ def run(args: argparse.Namespace) -> int:
     opts["progress"] = not args.no_progress
     try:
         run_finetune(task, methods or list(METHODS), out_dir=args.out, seeds=args.seeds, lrs=args.lrs,
-                     full_lrs=args.full_lrs, resume=args.resume, **opts)  # fmt: skip
+                     full_lrs=args.full_lrs, resume=args.resume, lr_extend=args.lr_extend, lr_min=args.lr_min,
+                     lr_max=args.lr_max, records_dir=args.records_dir, **opts)  # fmt: skip
     except (DataError, ModelError, UsageError) as exc:
         print(f"optlora finetune: error: {exc}", file=sys.stderr)
         return 2
+    except runner.SweepPending as exc:
+        print(f"optlora finetune: {exc}", flush=True)
+        return runner.EXIT_PENDING
     return 0

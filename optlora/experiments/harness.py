@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -300,5 +299,4 @@ def train_one(prep: Prepared, method: str, lr: float, seed: int, cfg: dict, *, s
     if samples:
         record["sample_outputs"] = samples
     del trainer, model, setup  # the Trainer's own clean-up has collected garbage at the end of train()
-    shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints of a finished run are not kept
-    return record
+    return record  # run_dir (checkpoints) is deleted by the caller once the record is written

@@ -175,7 +175,7 @@ def _by_method(records: list[dict]) -> dict[str, list[dict]]:
 
 def _pairs(run: dict, xkey: str, ykey: str, smooth: float) -> tuple[list[float], list[float]]:
     """``(x, y)`` over the logged steps that have both keys (telemetry is logged every k steps only)."""
-    rows = [(s[xkey], s[ykey]) for s in run["steps"] if xkey in s and ykey in s and s[ykey] is not None]
+    rows = [(s[xkey], s[ykey]) for s in run["steps"] if s.get(xkey) is not None and s.get(ykey) is not None]
     return [x for x, _ in rows], _ema([y for _, y in rows], smooth)
 
 
@@ -214,7 +214,8 @@ def plot_runs(records: list[dict], out_dir: str | Path, smooth: float = 0.0) -> 
         ("wall_time", "wall time (s)", "loss_vs_time.png"),
     ):
         fig, ax = _figure()
-        _curves(ax[0, 0], groups, xkey, "loss", smooth)
+        if not _curves(ax[0, 0], groups, xkey, "loss", smooth):
+            continue  # e.g. no wall time in compact records
         ax[0, 0].set_xlabel(xlabel)
         ax[0, 0].set_ylabel("training loss" + (f" (EMA {smooth:g})" if smooth else ""))
         written.append(_save(fig, out_dir / fname))

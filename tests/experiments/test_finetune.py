@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -195,3 +199,43 @@ def test_a_diverging_run_is_recorded_as_diverged_for_every_method_alike(data_roo
         assert r["final"]["diverged_at_step"] == 3 and r["final"]["score"] is None, r["method"]
         assert [s["step"] for s in r["steps"]] == [1, 2, 3] and not math.isfinite(r["steps"][-1]["loss"])
     assert all(r["optlora_stats"]["skipped"]["nonfinite"] > 0 for r in recs[1:])  # counted, left to AdamW as LoRA
+
+
+def test_epochs_set_the_steps_and_resume_treats_the_equivalent_steps_as_the_same_run(data_root, tmp_path, capsys):
+    kw = dict(out_dir=tmp_path, data_dir=data_root, holdout_frac=0.0, telemetry_every=0, **TINY)
+    del kw["steps"]
+    (rec,) = finetune.run_finetune("sst2", ["lora"], epochs=2, **kw)  # 48 examples, batch 8: ceil(2 * 48 / 8)
+    assert rec["config"]["epochs"] == 2 and rec["config"]["steps"] == 12 == len(rec["steps"])
+    assert finetune.epochs_to_steps(1.5, 10, 4, 2) == 2 and finetune.epochs_to_steps(0.01, 10, 4, 1) == 1
+    f = tmp_path / "sst2_lora_lr0.001_seed0.json"
+    old = results.read_json(f)
+    del old["config"]["epochs"], old["config"]["rank_rtol"]  # as written before these options existed
+    results.write_run(f, old)
+    stamp = f.read_text()
+    capsys.readouterr()
+    (again,) = finetune.run_finetune("sst2", ["lora"], steps=12, resume=True, **kw)
+    assert f.read_text() == stamp and again["steps"] == rec["steps"]  # reused: missing keys count as defaults
+    out = capsys.readouterr().out
+    assert "already complete in" in out and "sst2_lora_lr0.001_seed0" in out and "all 1 runs complete" in out
+    with pytest.raises(ValueError, match="--steps or --epochs"):
+        finetune.run_finetune("sst2", ["lora"], epochs=1, steps=3, **kw)
+
+
+def test_cli_exits_3_when_every_run_left_is_held_by_another_process(data_root, tmp_path, capsys):
+    from optlora.experiments import claims
+
+    out = tmp_path / "o"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        c = claims.Claims(out)
+        c.dir.mkdir(parents=True)
+        info = {"host": socket.gethostname(), "pid": holder.pid, "start_time": claims.process_start_time(holder.pid)}
+        c.path("sst2_lora_lr0.001_seed0").write_text(json.dumps(info))
+        argv = ["finetune", "--methods", "lora", "--out", str(out), "--no-progress", "--data-dir", str(data_root),
+                "--model", "tiny", "--steps", "2", "--resume", "--holdout-frac", "0"]  # fmt: skip
+        assert cli.main(argv) == 3
+        assert "nothing to run now" in capsys.readouterr().out
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cli.main(argv) == 0 and (out / "sst2_lora_lr0.001_seed0.json").is_file()
