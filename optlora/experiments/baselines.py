@@ -10,6 +10,10 @@ method needs its own optimizer. Baselines come from the ecosystem:
   ``use_dora=True`` (Liu et al., 2024); ``pissa`` -- PEFT ``init_lora_weights="pissa_niter_4"``;
 * ``loraplus`` -- ``peft.optimizers.create_loraplus_optimizer`` (``lora_B`` lr x ``loraplus_ratio``),
   handed to ``Trainer(optimizers=(opt, None))``;
+* ``riemannian`` -- ``peft.optimizers.create_riemannian_optimizer`` around AdamW (Zhang & Pilanci, 2024:
+  ``r x r`` preconditioned LoRA gradients, PEFT's default damping ``reg=0.01``), handed over like LoRA+;
+* ``balora`` -- PEFT LoRA with AdamW whose factors are projected onto the balanced manifold after every
+  step (:mod:`~optlora.experiments.balora`, a step post-hook on this AdamW), handed over like LoRA+;
 * ``full`` -- full fine-tuning with AdamW;
 * ``galore`` -- transformers' built-in ``optim="galore_adamw"`` (``galore-torch``) on the target
   linear layers: full fine-tuning with rank-``r`` gradient projection;
@@ -22,6 +26,7 @@ method needs its own optimizer. Baselines come from the ecosystem:
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -31,11 +36,12 @@ import optlora
 from .models import lora_targets
 
 METHODS = (
-    "lora", "lora_r32", "dora", "loraplus", "pissa", "full", "galore", "reflora", "reflora_s", "scalora", "scalora_i",
+    "lora", "lora_r32", "dora", "loraplus", "pissa", "riemannian", "balora", "full", "galore", "reflora", "reflora_s",
+    "scalora", "scalora_i",
 )  # fmt: skip
 OPTLORA_METHODS = ("reflora", "reflora_s", "scalora", "scalora_i")
 #: methods whose update is ``scaling * lora_B @ lora_A`` on a PEFT LoRA model (telemetry applies)
-LORA_FAMILY = ("lora", "lora_r32", "loraplus", "pissa", *OPTLORA_METHODS)
+LORA_FAMILY = ("lora", "lora_r32", "loraplus", "pissa", "riemannian", "balora", *OPTLORA_METHODS)
 #: methods that train every weight (their lr grid is ``--full-lrs``)
 FULL_METHODS = ("full", "galore")
 
@@ -192,6 +198,19 @@ def build(
             peft_model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=loraplus_ratio, weight_decay=weight_decay
         )
         info["loraplus_ratio"] = loraplus_ratio
+        return Setup(name, peft_model, optimizer=opt, info=info)
+    if name == "riemannian":
+        from peft.optimizers import create_riemannian_optimizer
+
+        opt = create_riemannian_optimizer(peft_model, torch.optim.AdamW, lr=lr, weight_decay=weight_decay)
+        info["riemannian_reg"] = inspect.signature(create_riemannian_optimizer).parameters["reg"].default
+        return Setup(name, peft_model, optimizer=opt, info=info)
+    if name == "balora":
+        from . import balora
+
+        opt = _adamw(peft_model.parameters(), lr, weight_decay)
+        info["balora_pairs"] = len(balora.lora_pairs(peft_model))
+        balora.install(opt, peft_model)  # projection after every opt.step(); the AdamW state is left as is
         return Setup(name, peft_model, optimizer=opt, info=info)
 
     method = None
