@@ -2,8 +2,8 @@
 
     python bench/glue_report.py runs/glue/mrpc runs/glue/cola --img docs/img
 
-For each task folder (``<task>_<method>_lr<lr>_seed<k>.json``, as ``optlora finetune --out`` writes
-them): the lr grid on the held-out part (seed 0), the per-method table at the selected lr (mean ±
+For each task folder (``<task>_<method>_lr<lr>_seed<k>.json``: the full records ``optlora finetune --out``
+writes, or the compact copies of ``--records-dir`` kept in the repository, ``docs/results/records/<task>``): the lr grid on the held-out part (seed 0), the per-method table at the selected lr (mean ±
 std over seeds, paired t-test / Wilcoxon against LoRA on the same seeds, steps and process-CPU
 seconds to reach LoRA's final smoothed training loss), the ScaLoRA telemetry (rank of the
 accumulated update, column-branch fraction, skipped layers), and, with ``--img``, the figures
@@ -18,8 +18,8 @@ import argparse
 import statistics
 from pathlib import Path
 
-from optlora.experiments import results
 from optlora.experiments.aggregate import aggregate, convergence, select_lrs
+from optlora.experiments.compact import load_run, telemetry_summary
 from optlora.experiments.plots import plot_runs
 
 ORDER = (
@@ -32,6 +32,8 @@ ORDER = (
     "dora",
     "pissa",
     "loraplus",
+    "riemannian",
+    "balora",
     "full",
     "galore",
 )
@@ -55,22 +57,17 @@ def cpu_seconds_to(run: dict, reference: dict) -> float | None:
 
 def telemetry(runs: list[dict]) -> dict:
     """Mean over seeds of: final update rank (mean over layers), column-branch and skipped fractions."""
-    ranks, cols, skips = [], [], []
-    for r in runs:
-        final = r.get("telemetry", {}).get("final_ranks")
-        if final:
-            vals = list(final.values()) if isinstance(final, dict) else list(final)
-            ranks.append(statistics.mean(vals))
-        c = [s["column_fraction"] for s in r["steps"] if "column_fraction" in s]
-        k = [s["skipped_fraction"] for s in r["steps"] if "skipped_fraction" in s]
-        cols += [statistics.mean(c)] if c else []
-        skips += [statistics.mean(k)] if k else []
-    mean = lambda v: statistics.mean(v) if v else None  # noqa: E731
-    return {"rank": mean(ranks), "column": mean(cols), "skipped": mean(skips)}
+    per_run = [telemetry_summary(r) for r in runs]
+
+    def mean(key):
+        vals = [t[key] for t in per_run if t.get(key) is not None]
+        return statistics.mean(vals) if vals else None
+
+    return {"rank": mean("update_rank"), "column": mean("column_fraction"), "skipped": mean("skipped_fraction")}
 
 
 def report(folder: Path, img: Path | None, smooth: float) -> None:
-    records = [r for r in (results.read_json(f) for f in sorted(folder.glob("*_seed*.json"))) if "final" in r]
+    records = [r for r in (load_run(f) for f in sorted(folder.glob("*_seed*.json"))) if r and "final" in r]
     if not records:
         raise SystemExit(f"no run records in {folder}")
     task = records[0]["config"]["task"]

@@ -120,7 +120,8 @@ def aggregate(records: list[dict], window: int | None = None) -> list[dict]:
             reached = [h for h in hits if h[0] is not None]
             row["reached_lora_loss"] = f"{len(reached)}/{len(hits)}"
             row["steps_to_lora_loss_mean"] = statistics.mean(h[0] for h in reached) if reached else None
-            row["seconds_to_lora_loss_mean"] = statistics.mean(h[1] for h in reached) if reached else None
+            secs = [h[1] for h in reached if h[1] is not None]  # compact records keep no wall time
+            row["seconds_to_lora_loss_mean"] = statistics.mean(secs) if secs else None
         rows.append(row)
     return rows
 

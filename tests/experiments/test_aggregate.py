@@ -54,6 +54,18 @@ def test_aggregate_rows_with_paired_test_and_convergence():
     assert rl["dev_examples"] == 8 and rl["dev_total"] == 100  # how much of dev was scored
     table = agg.format_table(list(rows.values()))
     assert "| reflora | 0.001 | 3 | 0.8303 +- 0.0100 | +0.0203" in table and "3/3" in table
+    assert "| update rank | column branch |" in table and table.splitlines()[2].endswith("| - | - |")
+
+
+def test_telemetry_columns_come_from_the_records():
+    recs = [rec("scalora", 1e-3, s, 0.8) for s in range(2)]
+    for s, r in enumerate(recs):
+        r["telemetry"] = {"final_ranks": {"l1": 10 + s, "l2": 12 + s}}
+        r["steps"][5]["column_fraction"], r["steps"][6]["column_fraction"] = 0.5, 1.0
+    (row,) = agg.aggregate(recs)
+    assert row["update_rank_mean"] == pytest.approx(11.5) and row["update_rank_std"] == pytest.approx(2**-0.5)
+    assert row["column_fraction_mean"] == pytest.approx(0.75)
+    assert agg.format_table([row]).splitlines()[2].endswith("| 11.5 | 0.75 |")
 
 
 def test_describe_scoring_says_what_was_subsampled():

@@ -54,6 +54,8 @@ def test_glue_lr_grid_on_held_out_train_then_seeds(data_root, tmp_path):
     agg = {r["method"]: r for r in _csv(out / "aggregate.csv")}
     assert agg["lora"]["seeds"] == agg["scalora"]["seeds"] == "2"
     assert agg["scalora"]["vs_lora_pairs"] == "2" and agg["scalora"]["reached_lora_loss"].endswith("/2")
+    assert float(agg["scalora"]["update_rank_mean"]) > 0 and 0 <= float(agg["scalora"]["column_fraction_mean"]) <= 1
+    assert agg["lora"]["column_fraction_mean"] == ""  # LoRA has no column branch
     assert (out / "plots" / "loss_vs_step.png").is_file() and (out / "plots" / "scalora.png").is_file()
     assert not (out / "checkpoints").exists()
 
