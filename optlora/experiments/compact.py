@@ -18,6 +18,7 @@ compares methods on a shared machine). :func:`load_run` reads either form.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from pathlib import Path
@@ -77,6 +78,18 @@ def compact_record(record: dict) -> dict:
         "telemetry": tel,
     }
     return results.to_jsonable(out)
+
+
+def dumps(obj: dict) -> str:
+    """JSON text of a compact record: indented, with the per-step arrays of ``series`` on single lines."""
+    marker = "__optlora_series__"
+    head = json.dumps({**obj, "series": marker}, indent=1)
+    return head.replace(json.dumps(marker), json.dumps(obj["series"], separators=(",", ":"))) + "\n"
+
+
+def write(path: str | Path, record: dict) -> Path:
+    """Atomically write the compact copy of the full run ``record`` to ``path``."""
+    return results.atomic_write_text(path, dumps(compact_record(record)))
 
 
 def is_compact(obj) -> bool:

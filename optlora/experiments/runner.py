@@ -108,7 +108,7 @@ class _Sweep:
         path = results.write_run(self.out / f"{name}.json", rec)
         self._cache.pop(path, None)
         if self.records_dir is not None:
-            results.write_json(Path(self.records_dir) / f"{name}.json", compact.compact_record(rec))
+            compact.write(Path(self.records_dir) / f"{name}.json", rec)
 
     def _note_selections(self, p: schedule.Plan, recs: dict) -> None:
         for (method, lr, seed), rec in recs.items():

@@ -44,12 +44,14 @@ def full_record(method="scalora", seed=0, lr=1e-3, n=1200, score=0.8, sel=None, 
     return rec
 
 
-def test_a_1200_step_record_compacts_under_30_kb_and_expands_back():
+def test_a_1200_step_record_compacts_under_30_kb_and_expands_back(tmp_path):
     rec = full_record()
     full_size = len(json.dumps(rec, indent=1))
     small = compact.compact_record(rec)
-    size = len(json.dumps(small, indent=1))
+    size = compact.write(tmp_path / "r.json", rec).stat().st_size
     assert size < 30_000 < full_size, (size, full_size)
+    assert results.read_json(tmp_path / "r.json") == json.loads(json.dumps(small))
+    assert compact.write(tmp_path / "sst2.json", full_record(n=2100)).stat().st_size < 30_000  # SST-2: 1 epoch
     assert compact.is_compact(small) and small["config"] == rec["config"] and small["final"] == rec["final"]
     assert "last_skipped_layers" not in small["optlora_stats"] and small["optlora_stats"]["steps"] == 1200
     back = compact.expand_record(json.loads(json.dumps(small)))
