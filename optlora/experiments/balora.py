@@ -20,7 +20,9 @@ SVD ``S_B S_A = U diag(sigma) V^T``::
 
 so ``B' A' = R_B S_B S_A R_A = B A`` (the adapted weight is unchanged) and
 ``A' A'^T = B'^T B' = diag(sigma)`` (balanced). The optimizer state (AdamW's moments) is left as it is:
-the projection only replaces the factor values after the step, as in the authors' implementation.
+the projection only replaces the factor values after the step, as in the authors' implementation. A layer
+whose ``B`` (or ``A``) is still zero is not projected (see :func:`project_model`: with a linear lr warm-up
+the first step has lr 0, and projecting ``(A, 0)`` would zero ``A`` for good).
 :func:`install` sets it up as a step post-hook of one optimizer (nothing global); the returned handle removes it.
 """
 
@@ -72,12 +74,22 @@ def lora_pairs(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter, to
 
 
 @torch.no_grad()
-def project_model(pairs) -> None:
-    """Replace every pair's factors by their balanced projection (in place, same tensors)."""
+def project_model(pairs) -> int:
+    """Replace every pair's factors by their balanced projection (in place, same tensors); returns the pairs skipped.
+
+    A pair with a zero factor is left as it is: its product is 0, whose balanced factorisation is (0, 0), a
+    saddle that gradient steps never leave. This happens after a step with lr 0 -- the first step of a linear
+    lr warm-up, with PEFT's ``B = 0`` initialisation -- which the paper's runs (constant lr) never take.
+    """
+    skipped = 0
     for _, a, b in pairs:
+        if not (a.any() and b.any()):
+            skipped += 1
+            continue
         a_new, b_new = balance(a, b)
         a.copy_(a_new)
         b.copy_(b_new)
+    return skipped
 
 
 def install(optimizer: torch.optim.Optimizer, model: torch.nn.Module):

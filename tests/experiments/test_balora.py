@@ -81,4 +81,13 @@ def test_both_train_through_the_trainer_harness(data_root, tmp_path):
         assert len(losses) == 4 and all(v == v for v in losses) and by[m]["final"]["score"] is not None
         assert by[m]["steps"][0]["loss"] == by["lora"]["steps"][0]["loss"]  # same init and first batch
         assert [s["loss"] for s in by[m]["steps"][1:]] != [s["loss"] for s in by["lora"]["steps"][1:]]
-        assert by[m]["config"]["method_info"]["rank"] == 8 and "rank_mean" in by[m]["steps"][-1]
+        assert by[m]["config"]["method_info"]["rank"] == 8 and by[m]["steps"][-1]["rank_mean"] > 0  # it learned
+    assert by["balora"]["steps"][0]["lr"] == 0.0  # the warm-up's first step: B stays 0, the projection waits
+
+
+def test_a_zero_factor_is_not_projected_to_zero():
+    a, b = _pair()
+    pairs = [("l", a.clone(), torch.zeros_like(b))]
+    assert balora.project_model(pairs) == 1 and torch.equal(pairs[0][1], a)  # A kept: (A, 0) -> (0, 0) would be dead
+    pairs = [("l", a.clone(), b.clone())]
+    assert balora.project_model(pairs) == 0 and torch.allclose(pairs[0][2] @ pairs[0][1], b @ a, atol=1e-12)
