@@ -52,6 +52,14 @@ def matches(record: dict, cfg: dict, info: dict, defaults: dict) -> bool:
     return same and conf.get("data") == info
 
 
+def _light(record: dict, path: Path) -> dict:
+    """What the loop needs of a record: its key, held-out score, divergence, selection, and where it is."""
+    fin = record["final"]
+    keep = {k: fin[k] for k in ("selection_score", "diverged_at_step") if k in fin}
+    return {"method": record["method"], "seed": record["seed"], "lr": record["config"]["lr"], "final": keep,
+            "selection": record.get("selection"), "selected_lr": record["config"].get("selected_lr"), "path": path}  # fmt: skip
+
+
 def _score(record: dict):
     v = record["final"].get("selection_score")
     return v if isinstance(v, (int, float)) and math.isfinite(v) else None
@@ -66,10 +74,12 @@ class _Sweep:
         self.resume, self.out, self.records_dir, self.train = resume, out, records_dir, train
         self.extend, self.lr_min, self.lr_max = extend, lr_min, lr_max
         self.claims = Claims(out)
-        self.mine: dict[tuple, dict] = {}
+        self.mine: dict[tuple, tuple[Path, dict]] = {}  # runs of this process: (record path, light view)
         self._cache: dict[Path, tuple[float, dict | None]] = {}
 
     # ------------------------------------------------------------------ records
+    # Only a light view of each record is kept in memory (a full one holds every step: MBs as Python objects);
+    # full records are read from disk when a selection is written into them and for the summaries.
     def _read(self, path: Path) -> dict | None:
         try:
             mtime = path.stat().st_mtime
@@ -82,19 +92,19 @@ class _Sweep:
             except (OSError, ValueError):
                 rec = None
             ok = isinstance(rec, dict) and results.kind(rec) == "run" and rec.get("config", {}).get("task") == self.task
-            hit = (mtime, rec if ok and matches(rec, self.cfg, self.prep.info, self.defaults) else None)
+            hit = (mtime, _light(rec, path) if ok and matches(rec, self.cfg, self.prep.info, self.defaults) else None)
             self._cache[path] = hit
         return hit[1]
 
     def records(self) -> dict[tuple, dict]:
-        """(method, lr, seed) -> the usable finished record (from disk with --resume, and this process's runs)."""
+        """(method, lr, seed) -> light view of the usable finished record (disk with --resume, this process's runs)."""
         found = {}
         if self.resume:
             for path in sorted(self.out.glob(f"{_safe(self.task)}_*_seed*.json")):
                 rec = self._read(path)
                 if rec is not None and rec["method"] in self.methods:
-                    found[(rec["method"], rec["config"]["lr"], rec["seed"])] = rec
-        found.update(self.mine)
+                    found[(rec["method"], rec["lr"], rec["seed"])] = rec
+        found.update({k: self._read(path) or light for k, (path, light) in self.mine.items()})
         return {k: r for k, r in found.items() if self._usable(k, r)}
 
     def _usable(self, key, rec) -> bool:
@@ -103,23 +113,26 @@ class _Sweep:
         diverged = rec["final"].get("diverged_at_step") is not None
         return not scoring or diverged or "selection_score" in rec["final"]
 
-    def _write(self, rec: dict) -> None:
+    def _write(self, rec: dict) -> Path:
         name = run_name(self.task, rec["method"], rec["config"]["lr"], rec["seed"])
         path = results.write_run(self.out / f"{name}.json", rec)
         self._cache.pop(path, None)
         if self.records_dir is not None:
             compact.write(Path(self.records_dir) / f"{name}.json", rec)
+        return path
 
     def _note_selections(self, p: schedule.Plan, recs: dict) -> None:
-        for (method, lr, seed), rec in recs.items():
+        for (method, lr, seed), light in recs.items():
             sel = p.selections.get(method)
             if sel is None or not sel.final or (seed != self.seeds[0] and lr != sel.selected_lr):
                 continue
             info = sel.as_dict()
-            if rec.get("selection") != info or rec["config"].get("selected_lr") != sel.selected_lr:
+            if light["selection"] != info or light["selected_lr"] != sel.selected_lr:
+                rec = results.read_json(light["path"])
                 rec["selection"] = info
                 rec["config"]["selected_lr"] = sel.selected_lr
                 self._write(rec)
+                light.update(selection=info, selected_lr=sel.selected_lr)
 
     # ------------------------------------------------------------------ the loop
     def plan(self, recs):
@@ -148,8 +161,7 @@ class _Sweep:
                 self._pending(p, recs)
             recs = self.records()
             p = self.plan(recs)
-        wanted = self._wanted(p)
-        return [recs[k] for k in wanted], p
+        return [results.read_json(recs[k]["path"]) for k in self._wanted(p)], p
 
     def _run_claimed(self, run: schedule.Run, name: str) -> None:
         key = (run.method, run.lr, run.seed)
@@ -161,8 +173,8 @@ class _Sweep:
         print(f"== {self.task} {run.method} lr={run.lr:g} seed={run.seed} ({run.phase})", flush=True)
         rec = self.train(self.prep, run.method, run.lr, run.seed, self.cfg, score_holdout=run.score_holdout,
                          run_dir=ckpt)  # fmt: skip
-        self._write(rec)  # at once: an interrupted sweep keeps its finished runs
-        self.mine[key] = rec
+        path = self._write(rec)  # at once: an interrupted sweep keeps its finished runs
+        self.mine[key] = (path, _light(rec, path))
         shutil.rmtree(ckpt, ignore_errors=True)  # the claimant deletes its own checkpoints, after the record
         with contextlib.suppress(OSError):
             ckpt.parent.rmdir()  # only when no other run's folder is left in it
@@ -182,7 +194,7 @@ class _Sweep:
             if owner is not None:
                 held.append(f"{run.method} lr={run.lr:g} seed={run.seed} (pid {owner.get('pid')})")
         with locked(self.out):
-            results.write_summary_csv(self.out / "summary.csv", recs.values())
+            results.write_summary_csv(self.out / "summary.csv", (results.read_json(r["path"]) for r in recs.values()))
         waiting = f"; {', '.join(p.waiting_methods)} wait for their lr selection" if p.waiting_methods else ""
         raise SweepPending(
             f"nothing to run now in {self.out}: {p.done} of {p.total} runs complete; held by other processes: "
