@@ -36,7 +36,7 @@ def test_readme_shows_the_examples():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", EXAMPLES)
-def test_readme_example_command_runs(command, tmp_path, monkeypatch):
+def test_readme_example_command_runs(command, tmp_path, monkeypatch, capsys):
     """Run the README line in-process with 2 steps; a real model / data path in it must work offline."""
     pytest.importorskip("trl")
     argv = shlex.split(command)[1:]
@@ -61,11 +61,21 @@ def test_readme_example_command_runs(command, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the README's paths are relative to the checkout
     main = __import__(script).main
     out = ["--output-dir", str(tmp_path / script)]
-    if "--resume" in argv:  # needs the run it resumes
-        assert main([*[a for a in argv if a != "--resume"], *cheap, *out]) == 0
+    if "--resume" in argv:  # needs the run it resumes: one step of two, then the second from its checkpoint
+        half = [*cheap, "--steps", "1"]  # argparse: the last --steps wins
+        assert main([*[a for a in argv if a != "--resume"], *half, *out]) == 0
+        capsys.readouterr()
     assert main([*argv, *cheap, *out]) == 0
-    assert (tmp_path / script / "adapter" / "adapter_config.json").is_file()
+    if "--resume" in argv:
+        assert "already complete" not in capsys.readouterr().out
+        assert main([*argv, *cheap, *out]) == 0  # again: nothing left to train, and it says so
+        assert "the run is already complete" in capsys.readouterr().out
+    adapter = tmp_path / script / "adapter"
+    assert (adapter / "adapter_config.json").is_file()
     sys.modules.pop(script, None)
+    if "--model" not in argv:  # the config-built model was saved as the base: export finds it by itself
+        assert cli.main(["export", "--checkpoint", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+        assert (tmp_path / "merged" / "config.json").is_file()
 
 
 @pytest.mark.parametrize("command", readme_commands("optlora "))
