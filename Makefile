@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.optlora-installed
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint format docs install-test bench clean
 
 setup: $(STAMP)
 
@@ -27,15 +27,23 @@ test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 tests
 
 lint: setup
-	$(VENV)/bin/ruff check optlora tests bench examples
-	$(VENV)/bin/ruff format --check optlora tests bench examples
+	$(VENV)/bin/ruff check optlora tests bench examples scripts
+	$(VENV)/bin/ruff format --check optlora tests bench examples scripts
 
 format: setup
-	$(VENV)/bin/ruff format optlora tests bench examples
-	$(VENV)/bin/ruff check --fix optlora tests bench examples
+	$(VENV)/bin/ruff format optlora tests bench examples scripts
+	$(VENV)/bin/ruff check --fix optlora tests bench examples scripts
+
+# the site from docs/ (mkdocs.yml); --strict: a broken link or anchor fails
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+# the wheel in a clean venv outside the repository: the README's snippets and a short `optlora demo` (minutes)
+install-test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m install tests/test_install.py
 
 bench: setup
 	$(PY) bench/bench_step.py --preset cpu
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs site build .pytest_cache .ruff_cache

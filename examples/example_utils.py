@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import random
+import warnings
 
 import peft
 import torch
@@ -47,8 +49,19 @@ def common_args(description: str, *, method: str, output_dir: str) -> argparse.A
     return p
 
 
-def load_model(name: str | None, seed: int = 0):
-    """``name=None``: a 2-layer Llama from a config (CPU, seconds); ``"smollm2"``: the packaged SmolLM2; else a hub id or path."""
+def load_model(name: str | None, seed: int = 0, base_dir: str | None = None):
+    """``name=None``: a 2-layer Llama from a config (CPU, seconds); ``"smollm2"``: the packaged SmolLM2; else a hub id or path.
+
+    With ``base_dir``, the config-built model is saved there (with its tokenizer) and loaded back from it, so
+    its adapters record that folder as their base: ``optlora export --checkpoint ...`` finds it, and ScaLoRA
+    reads the pretrained weights from its files instead of keeping a copy.
+    """
+    if name is None and base_dir is not None:
+        if not os.path.isfile(os.path.join(base_dir, "config.json")):
+            model, tok = load_model(None, seed)
+            model.save_pretrained(base_dir)
+            tok.save_pretrained(base_dir)
+        name = base_dir
     if name is None:
         tok = word_tokenizer(250)
         model = tiny_llama(
@@ -86,7 +99,22 @@ def add_lora(model, r: int = 8):
     config = peft.LoraConfig(
         r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
     )
-    return peft.get_peft_model(model, config)
+    with warnings.catch_warnings():  # PEFT calls transformers' deprecated is_gradient_checkpointing: not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return peft.get_peft_model(model, config)
+
+
+def already_complete(checkpoint: str | None, steps: int) -> bool:
+    """Whether ``checkpoint`` (a Trainer checkpoint folder) has reached ``steps``; says so when it has."""
+    state = os.path.join(checkpoint or "", "trainer_state.json")
+    if not os.path.isfile(state):
+        return False
+    with open(state) as fh:
+        done = json.load(fh)["global_step"]
+    if done < steps:
+        return False
+    print(f"{checkpoint} is at step {done} of --steps {steps}: the run is already complete (raise --steps to go on)")
+    return True
 
 
 def texts(n: int, jsonl: str | None = None, fields: tuple[str, ...] = ("question", "answer"), seed: int = 0):

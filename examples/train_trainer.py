@@ -4,7 +4,8 @@
     python examples/train_trainer.py --method scalora --resume              # continue from the last checkpoint
     python examples/train_trainer.py --model smollm2 --jsonl optlora/experiments/sample/gsm8k/train.jsonl.gz
 
-Checkpoints and the final ``model.save_pretrained`` hold a standard PEFT adapter (for ScaLoRA: the
+The tiny model is saved to ``--output-dir``/base first and loaded from there, so ``optlora export``
+finds its base. Checkpoints and the final ``model.save_pretrained`` hold a standard PEFT adapter (for ScaLoRA: the
 accumulated update for the original base, by truncated SVD, its error stated beside it) *and*
 ``optlora_state.safetensors`` (the exact state to resume from); see ``optlora.persist``.
 """
@@ -14,8 +15,9 @@ from __future__ import annotations
 import os
 
 import torch
-from example_utils import add_lora, common_args, load_model, make_method, texts
+from example_utils import add_lora, already_complete, common_args, load_model, make_method, texts
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 import optlora.hf
 
@@ -28,8 +30,13 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    adapter = os.path.join(args.output_dir, "adapter")
+    last = get_last_checkpoint(args.output_dir) if args.resume and os.path.isdir(args.output_dir) else None
+    if already_complete(last, args.steps) and os.path.isdir(adapter):
+        print(f"the trained adapter is in {adapter}")
+        return 0
     torch.manual_seed(0)
-    base, tok = load_model(args.model)
+    base, tok = load_model(args.model, base_dir=os.path.join(args.output_dir, "base"))
     model = add_lora(base, args.rank)
     method = make_method(args.method, model, args.warmup_steps, args.interval)
     enc = tok(texts(args.samples, args.jsonl), truncation=True, max_length=64)
@@ -46,7 +53,6 @@ def main(argv=None) -> int:
         logging_steps=10,
         save_steps=max(1, args.steps // 2),
         report_to=[],
-        disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
     )
     trainer = Trainer(
@@ -61,7 +67,8 @@ def main(argv=None) -> int:
         print("optlora:", method.stats())
     # a standard PEFT adapter for the original base (ScaLoRA: its accumulated update, optlora_export.json says
     # how exactly), loadable with PeftModel.from_pretrained(base, "adapter"), plus the exact state to resume
-    model.save_pretrained(os.path.join(args.output_dir, "adapter"))
+    model.save_pretrained(adapter)
+    print(f"wrote the adapter to {adapter}; the whole model: optlora export --checkpoint {adapter} --out merged")
     return 0
 
 

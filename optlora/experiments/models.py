@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -96,8 +98,11 @@ def smollm2_local_copy() -> Path:
     if not ggufs:
         raise FileNotFoundError(f"no .gguf file in {folder}")
     name = ggufs[0].name
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # transformers draws its own tqdm bars while it de-quantises, which no option turns off: one line instead
+    print(f"converting the packaged SmolLM2 ({name}) once to float32 safetensors in {target} ...", file=sys.stderr)
+    with contextlib.redirect_stderr(io.StringIO()):
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     # save_pretrained refuses GGUF-"quantized" models; the weights are already de-quantised to float32
     from safetensors.torch import save_model
 

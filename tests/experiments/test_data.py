@@ -162,6 +162,7 @@ def test_hub_loading_uses_the_documented_ids(no_shared, monkeypatch):
         raise AssertionError(args)
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(sources, "hub_reachable", lambda: True)  # the fake datasets below stand for the hub
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=fake_load_dataset))
     d = load_task("cola")
     assert d.sources["train"] == "hub: nyu-mll/glue cola" and d.label_names == ["0", "1"] and d.train[0]["label"] == 1

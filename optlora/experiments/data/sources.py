@@ -7,7 +7,8 @@ Every loader asks :func:`candidate_roots` for the places to look, in this order:
    (``.../glue/SST-2``, ``.../commonsense/boolq``) or any parent of one (``.../glue``, ``.../data``);
 2. ``../shared/data`` relative to the current directory, then relative to this checkout;
 3. the hub through :func:`datasets.load_dataset`, unless ``HF_HUB_OFFLINE`` /
-   ``HF_DATASETS_OFFLINE`` is set;
+   ``HF_DATASETS_OFFLINE`` is set or the hub cannot be reached (:func:`hub_reachable`: one
+   quick connection, no retries);
 4. the licence-clean sample shipped inside the package (``optlora/experiments/sample``), only
    when the caller allows it (``optlora demo``).
 
@@ -17,9 +18,12 @@ what to do; the command line prints it and exits with status 2.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import os
+import socket
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +48,31 @@ class Root:
 def hub_offline() -> bool:
     """True when ``HF_HUB_OFFLINE`` or ``HF_DATASETS_OFFLINE`` is set to a true value."""
     return any(os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether one TCP connection to the hub (``HF_ENDPOINT``) opens within ``timeout`` s; asked once per process.
+
+    Without it, an offline machine would spend about a minute on ``datasets``' visible retries
+    before falling back; with it, the loaders go straight to local data, and one line says so.
+    """
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError as exc:
+        print(
+            f"note: the Hugging Face hub ({url.hostname}) cannot be reached ({exc}); using local data", file=sys.stderr
+        )
+        return False
+
+
+def use_hub() -> bool:
+    """Whether to try the hub for data: not offline by the environment, and reachable."""
+    return not hub_offline() and hub_reachable()
 
 
 def shared_candidates() -> list[Path]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import adapters as A
 from . import glue as G
-from .sources import SAMPLE_ROOT, DataError, _key, candidate_roots, find_file, hub_offline, no_data
+from .sources import SAMPLE_ROOT, DataError, _key, candidate_roots, find_file, no_data, use_hub
 
 KINDS = ("classification", "regression", "generation")
 
@@ -70,7 +70,7 @@ def _locate(what, data_dir, allow_sample, folders, names, self_keys, hub_ok, hin
     found = search([r for r in roots if r.origin != "sample"])
     if found is not None:
         return found
-    if data_dir is None and hub_ok and not hub_offline():
+    if data_dir is None and hub_ok and use_hub():
         return None
     found = search([r for r in roots if r.origin == "sample"])
     if found is not None:
