@@ -9,7 +9,7 @@ import types
 import pytest
 
 from optlora import cli
-from optlora.experiments import mf
+from optlora.experiments import demo, mf
 from optlora.experiments import results as res
 
 
@@ -175,6 +175,14 @@ def test_demo_fine_tunes_offline_on_the_sample_or_a_data_dir(source, no_shared, 
     assert rec["final"]["test_examples"] == 4  # 2 steps x 16 examples; the fixture has only 24
     assert rec["config"]["data"]["train_examples"] == (32 if source == "sample" else 24)
     assert (out / "gsm8k_match" / "plots" / "loss_vs_step.png").is_file() == (source == "sample")
+
+
+def test_quick_demo_says_when_a_method_stayed_at_the_majority_baseline():
+    rows = [{"method": "lora", "below_majority": True, "majority_score": 0.5}, {"method": "scalora"}]
+    note = demo.quick_note(rows, 16)
+    assert note.startswith("With --quick (16 steps) lora scored at or below the majority baseline (0.5000)")
+    assert "\n" not in note and note.endswith("without --quick for the full preset.")  # one sentence
+    assert demo.quick_note(rows[1:], 16) == ""  # nothing when no method is at or below the baseline
 
 
 def test_demo_without_data_is_a_clear_error(no_shared, tmp_path, capsys):
