@@ -106,4 +106,5 @@ def test_aggregate_and_glue_report_from_compact_records_equal_the_full_ones(tmp_
     glue_report.report(full_dir, None, 0.9)
     from_full = capsys.readouterr().out
     glue_report.report(small_dir, None, 0.9)
-    assert capsys.readouterr().out == from_full and "| scalora | 0.002 | 3 |" in from_full
+    assert capsys.readouterr().out == from_full and "| scalora | 0.002 (provisional) | 3 |" in from_full
+    assert "![cola" not in from_full  # no --img: no figures
