@@ -5,7 +5,7 @@
 
 Per task folder (``<task>_<method>_lr<lr>_seed<k>.json``: the full records ``optlora finetune --out`` writes, or
 the compact copies of ``--records-dir`` kept in the repository, ``docs/results/records/<task>``), the markdown of
-:func:`optlora.experiments.report.task_markdown`: the lr grid of every method (held-out score, dev score, final
+:func:`optlora_experiments.report.task_markdown`: the lr grid of every method (held-out score, dev score, final
 training loss, diverged runs), the lr-sensitivity figure, the table at each method's lr (seeds, paired tests
 against LoRA, steps and process-CPU seconds to LoRA's final smoothed loss, telemetry) and the training figures.
 With ``--plan`` the tasks, their record folders and the methods / seeds / lrs the sweep wants come from the
@@ -21,8 +21,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from optlora.experiments.compact import load_run
-from optlora.experiments.report import Expected, task_markdown
+from optlora_experiments.compact import load_run
+from optlora_experiments.report import Expected, task_markdown
 
 
 def read_records(folder: Path) -> list[dict]:

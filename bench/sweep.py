@@ -5,7 +5,7 @@
 
 Each worker runs under ``nice -n 19`` with one torch thread and walks the plan's enabled tasks in order:
 ``optlora finetune <task options> --resume --out <out>/<task> --records-dir <records>/<task>``. Several
-processes share a task's ``--out`` safely (each run is claimed; see ``optlora.experiments.runner``);
+processes share a task's ``--out`` safely (each run is claimed; see ``optlora_experiments.runner``);
 finetune exits 0 when the task is complete, 3 when every run left is held by another process or waits on
 an lr selection those runs decide: the worker then moves to the next task and comes back. When no task
 has anything it can run it sleeps ``poll_s`` and looks again, until every task is complete. Output goes
@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-EXIT_PENDING = 3  # optlora.experiments.runner.EXIT_PENDING (not imported: the driver needs no torch)
+EXIT_PENDING = 3  # optlora_experiments.runner.EXIT_PENDING (not imported: the driver needs no torch)
 SWEEP_KEYS = {"out", "records", "poll_s", "max_failures"}
 TASK_KEYS = {"name", "enabled"}
 

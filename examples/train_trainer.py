@@ -2,7 +2,7 @@
 
     python examples/train_trainer.py --method scalora                       # tiny config model, synthetic data
     python examples/train_trainer.py --method scalora --resume              # continue from the last checkpoint
-    python examples/train_trainer.py --model smollm2 --jsonl optlora/experiments/sample/gsm8k/train.jsonl.gz
+    python examples/train_trainer.py --model smollm2 --jsonl optlora_experiments/sample/gsm8k/train.jsonl.gz
 
 Checkpoints and the final ``model.save_pretrained`` hold a standard PEFT adapter (for ScaLoRA: the
 accumulated update for the original base, by truncated SVD, its error stated beside it) *and*

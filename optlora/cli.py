@@ -21,10 +21,10 @@ import traceback
 from pathlib import Path
 
 SUBCOMMANDS = (
-    ("optlora.experiments.mf", "mf"),
-    ("optlora.experiments.finetune", "finetune"),
-    ("optlora.experiments.plots", "plot"),
-    ("optlora.experiments.demo", "demo"),
+    ("optlora_experiments.mf", "mf"),
+    ("optlora_experiments.finetune", "finetune"),
+    ("optlora_experiments.plots", "plot"),
+    ("optlora_experiments.demo", "demo"),
     ("optlora.export_cli", "export"),
 )
 _INTERNAL = {"func", "command", "config", "global_config", "help", "_strip_config"}

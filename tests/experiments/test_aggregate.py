@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from optlora.experiments import aggregate as agg
+from optlora_experiments import aggregate as agg
 
 
 def rec(method, lr, seed, score, sel=None, losses=None, dt=0.5):

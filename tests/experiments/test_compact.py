@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from optlora.experiments import aggregate as agg
-from optlora.experiments import compact, results
+from optlora_experiments import aggregate as agg
+from optlora_experiments import compact, results
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,8 +11,8 @@ import matplotlib.image
 import pytest
 
 from optlora import cli
-from optlora.experiments import plots
-from optlora.experiments import results as res
+from optlora_experiments import plots
+from optlora_experiments import results as res
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

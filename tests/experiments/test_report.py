@@ -9,8 +9,8 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from optlora.experiments import compact, results
-from optlora.experiments import report as rep
+from optlora_experiments import compact, results
+from optlora_experiments import report as rep
 
 ROOT = Path(__file__).resolve().parents[2]
 GRID = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3)
@@ -100,7 +100,7 @@ def test_task_markdown_and_figures_on_a_partial_sweep(tmp_path):
 
 
 def test_sensitivity_axes_are_log_lr_and_start_at_zero(tmp_path, monkeypatch):
-    from optlora.experiments import plots
+    from optlora_experiments import plots
 
     saved = []
     monkeypatch.setattr(plots, "_save", lambda fig, path: saved.append(fig) or path)

@@ -29,7 +29,7 @@ interrupted run never leaves a half-written file behind.
 
     {"methods": {NAME: {"loss": [float per step], "norm_A": [...], ...}, ...}, "config": {...}}
 
-Every series of one method has the same length (the number of steps); see :mod:`optlora.experiments.mf`.
+Every series of one method has the same length (the number of steps); see :mod:`optlora_experiments.mf`.
 
 Non-finite numbers (diverged runs) are written as the ``NaN`` / ``Infinity`` tokens that
 Python's :mod:`json` reads back as floats.

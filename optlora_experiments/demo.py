@@ -1,13 +1,13 @@
 """optlora demo: a short end-to-end comparison on the CPU (about 3 minutes on 2 cores).
 
 1. The matrix-factorisation toy (RefLoRA Fig. 2) at both learning rates -- LoRA, ScaledGD,
-   RefLoRA, RefLoRA-S, ScaLoRA, ScaLoRA-I -- through :mod:`optlora.experiments.mf`
+   RefLoRA, RefLoRA-S, ScaLoRA, ScaLoRA-I -- through :mod:`optlora_experiments.mf`
    (well under a minute);
 2. a short fine-tune of the real all-MiniLM-L6-v2, LoRA vs RefLoRA vs ScaLoRA, through
-   :func:`optlora.experiments.finetune.run_finetune` (``transformers.Trainer``). The default task,
+   :func:`optlora_experiments.finetune.run_finetune` (``transformers.Trainer``). The default task,
    ``gsm8k_match``, pairs a GSM8K word problem with the first step of a solution and asks whether
-   it is that problem's own (:func:`optlora.experiments.data.adapters.match_rows`). GSM8K is
-   MIT-licensed, and a sample of it ships inside the package (``optlora/experiments/sample``), so
+   it is that problem's own (:func:`optlora_experiments.data.adapters.match_rows`). GSM8K is
+   MIT-licensed, and a sample of it ships inside the package (``optlora_experiments/sample``), so
    the demo runs on a fresh clone with nothing beside it. With ``../shared/data``, ``--data-dir``
    or the hub it reads the full GSM8K instead; ``--task`` picks any other classification task.
 
@@ -25,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..cliutil import HelpFormatter
+from optlora.cliutil import HelpFormatter
+
 from . import mf
 
 FT_TASK, FT_METHODS = "gsm8k_match", ("lora", "reflora", "scalora")
@@ -80,7 +81,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def quick_note(rows: list[dict], steps: int) -> str:
     """The sentence ``--quick`` adds when a method scored at or below the majority baseline (else empty).
 
-    ``rows``: :func:`optlora.experiments.aggregate.aggregate` rows (``below_majority`` set there).
+    ``rows``: :func:`optlora_experiments.aggregate.aggregate` rows (``below_majority`` set there).
     """
     low = [r for r in rows if r.get("below_majority")]
     if not low:
@@ -129,9 +130,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"== 2. {args.task} fine-tune (all-MiniLM-L6-v2): {' vs '.join(FT_METHODS)}, {ft_steps} steps ==")
     try:
-        finetune = importlib.import_module("optlora.experiments.finetune")
+        finetune = importlib.import_module("optlora_experiments.finetune")
     except Exception as exc:  # noqa: BLE001 - part 2 may be missing or broken: keep the MF part
-        print(f"skipped: optlora.experiments.finetune is not importable ({type(exc).__name__}: {exc})")
+        print(f"skipped: optlora_experiments.finetune is not importable ({type(exc).__name__}: {exc})")
         return 0
     t1 = time.perf_counter()
     try:

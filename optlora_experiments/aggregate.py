@@ -40,7 +40,7 @@ def select_lrs(records: list[dict]) -> dict[str, float]:
     """Best lr per method on the held-out part of train, judged on each method's first (smallest) seed.
 
     A method whose records carry the sweep's final selection (``record["selection"]``, see
-    :mod:`~optlora.experiments.schedule`) keeps that lr.
+    :mod:`~optlora_experiments.schedule`) keeps that lr.
     """
     best: dict[str, float] = {}
     for method in dict.fromkeys(r["method"] for r in records):

@@ -8,7 +8,7 @@ Every loader asks :func:`candidate_roots` for the places to look, in this order:
 2. ``../shared/data`` relative to the current directory, then relative to this checkout;
 3. the hub through :func:`datasets.load_dataset`, unless ``HF_HUB_OFFLINE`` /
    ``HF_DATASETS_OFFLINE`` is set;
-4. the licence-clean sample shipped inside the package (``optlora/experiments/sample``), only
+4. the licence-clean sample shipped inside the package (``optlora_experiments/sample``), only
    when the caller allows it (``optlora demo``).
 
 Missing or unreadable data raises :class:`DataError`, whose message is one sentence that says
@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-_REPO_ROOT = Path(__file__).resolve().parents[3]
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_ROOT = Path(__file__).resolve().parents[1] / "sample"
 _TRUE = ("1", "true", "yes", "on")
 

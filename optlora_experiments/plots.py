@@ -1,9 +1,9 @@
 """Figures from optlora result files (``optlora plot RESULTS.json|DIR ...``).
 
-* matrix-factorisation results (:mod:`optlora.experiments.mf`): ``loss.png`` (log-scale loss
+* matrix-factorisation results (:mod:`optlora_experiments.mf`): ``loss.png`` (log-scale loss
   per method, RefLoRA Fig. 2a) and ``balance.png`` (``||A||_F``, ``||B||_F`` and their
   gradient norms, Fig. 2b);
-* per-run records (:mod:`optlora.experiments.results`, e.g. ``optlora finetune``), grouped by
+* per-run records (:mod:`optlora_experiments.results`, e.g. ``optlora finetune``), grouped by
   method over seeds: ``loss_vs_step.png`` and ``loss_vs_cpu.png`` (against process-CPU time,
   which compares methods on a shared machine; wall time would measure the neighbours too; mean,
   shaded +/- one standard deviation over 2+ seeds), ``final_metrics.png`` (bars from 0: mean,
@@ -24,7 +24,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from ..cliutil import HelpFormatter
+from optlora.cliutil import HelpFormatter
+
 from . import results as res
 
 COLORS = {

@@ -5,7 +5,7 @@ Works on a finished or a **partial** sweep: what is missing is marked, never a r
 * :func:`method_grids` -- per method, the first seed's runs by lr, the lrs it needs (the recorded selection's
   grid and extension points, else the expected grid and what was run) and its lr: the recorded final
   selection, else the provisional best held-out score so far (:func:`provisional_lr`, the rule of
-  :func:`optlora.experiments.schedule.select`: best finite score, the smaller lr on ties, a diverged run never).
+  :func:`optlora_experiments.schedule.select`: best finite score, the smaller lr on ties, a diverged run never).
 * :func:`grid_table` -- every method's grid: held-out score / dev score / final training loss per lr,
   diverged and missing runs marked, scores not above the majority class flagged.
 * :func:`chosen_table` -- at each method's lr: dev score over seeds (mean ± std; one seed: no spread, no
