@@ -27,12 +27,12 @@ test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 tests
 
 lint: setup
-	$(VENV)/bin/ruff check optlora tests bench examples scripts
-	$(VENV)/bin/ruff format --check optlora tests bench examples scripts
+	$(VENV)/bin/ruff check optlora optlora_experiments tests bench examples scripts
+	$(VENV)/bin/ruff format --check optlora optlora_experiments tests bench examples scripts
 
 format: setup
-	$(VENV)/bin/ruff format optlora tests bench examples scripts
-	$(VENV)/bin/ruff check --fix optlora tests bench examples scripts
+	$(VENV)/bin/ruff format optlora optlora_experiments tests bench examples scripts
+	$(VENV)/bin/ruff check --fix optlora optlora_experiments tests bench examples scripts
 
 # the site from docs/ (mkdocs.yml); --strict: a broken link or anchor fails
 docs: setup

@@ -3,7 +3,7 @@
     python bench/checkpoint_size.py                          # float32, ScaLoRA-I, 2 warm-up + 6 scaling steps
     python bench/checkpoint_size.py --dtype bfloat16 --tols 1e-2,1e-3
 
-Fine-tunes SmolLM2-135M-Instruct (``optlora.experiments.models.default_model("gsm8k")``, offline) on
+Fine-tunes SmolLM2-135M-Instruct (``optlora_experiments.models.default_model("gsm8k")``, offline) on
 GSM8K with LoRA r=8 on every linear layer of the blocks and ScaLoRA, then saves it the usual way
 (``model.save_pretrained``) and reports, side by side in one run:
 
@@ -29,8 +29,8 @@ import time
 import torch
 
 import optlora
-from optlora.experiments import data as D
-from optlora.experiments.models import default_model, load_causal_lm, lora_targets
+from optlora_experiments import data as D
+from optlora_experiments.models import default_model, load_causal_lm, lora_targets
 
 
 def _size(path: str) -> int:

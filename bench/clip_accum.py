@@ -30,8 +30,8 @@ import statistics
 import torch
 
 import optlora
-from optlora.experiments import data as D
-from optlora.experiments.models import default_model, load_classifier, lora_targets
+from optlora_experiments import data as D
+from optlora_experiments.models import default_model, load_classifier, lora_targets
 
 
 def _build(name: str, dtype: torch.dtype, method_name: str, args):

@@ -1,122 +1,90 @@
-"""The GLUE tables and figures of docs/RESULTS.md, from the run records ``optlora finetune`` wrote.
+"""The GLUE tables and figures of docs/RESULTS.md, from the run records of ``optlora finetune``; partial sweeps too.
 
-    python bench/glue_report.py runs/glue/mrpc runs/glue/cola --img docs/img
+    python bench/glue_report.py --plan bench/sweep_plan.toml --img docs/img --md docs/results/glue.md
+    python bench/glue_report.py docs/results/records/cola runs/glue/mrpc --img docs/img
 
-For each task folder (``<task>_<method>_lr<lr>_seed<k>.json``: the full records ``optlora finetune --out``
-writes, or the compact copies of ``--records-dir`` kept in the repository, ``docs/results/records/<task>``): the lr grid on the held-out part (seed 0), the per-method table at the selected lr (mean ±
-std over seeds, paired t-test / Wilcoxon against LoRA on the same seeds, steps and process-CPU
-seconds to reach LoRA's final smoothed training loss), the ScaLoRA telemetry (rank of the
-accumulated update, column-branch fraction, skipped layers), and, with ``--img``, the figures
-(training loss smoothed by an EMA, final metrics, update rank / column fraction). Every number is
-read from the records; nothing is typed in. Wall-clock seconds are printed too, but on a shared
-machine only the CPU seconds compare methods fairly (both come from the same records).
+Per task folder (``<task>_<method>_lr<lr>_seed<k>.json``: the full records ``optlora finetune --out`` writes, or
+the compact copies of ``--records-dir`` kept in the repository, ``docs/results/records/<task>``), the markdown of
+:func:`optlora_experiments.report.task_markdown`: the lr grid of every method (held-out score, dev score, final
+training loss, diverged runs), the lr-sensitivity figure, the table at each method's lr (seeds, paired tests
+against LoRA, steps and process-CPU seconds to LoRA's final smoothed loss, telemetry) and the training figures.
+With ``--plan`` the tasks, their record folders and the methods / seeds / lrs the sweep wants come from the
+sweep plan (``bench/sweep.py``), so runs not done yet are listed as missing. Every number is read from the
+records; nothing is typed in. Methods are compared by CPU time: on a shared machine wall time measures the
+other jobs too.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import importlib.util
+import sys
 from pathlib import Path
 
-from optlora.experiments.aggregate import aggregate, convergence, select_lrs
-from optlora.experiments.compact import load_run, telemetry_summary
-from optlora.experiments.plots import plot_runs
-
-ORDER = (
-    "lora",
-    "reflora",
-    "reflora_s",
-    "scalora",
-    "scalora_i",
-    "lora_r32",
-    "dora",
-    "pissa",
-    "loraplus",
-    "riemannian",
-    "balora",
-    "full",
-    "galore",
-)
+from optlora_experiments.compact import load_run
+from optlora_experiments.report import Expected, task_markdown
 
 
-def _order(method: str) -> int:
-    return ORDER.index(method) if method in ORDER else len(ORDER)
+def read_records(folder: Path) -> list[dict]:
+    """Finished run records (full or compact) in ``folder``; other JSON files are skipped."""
+    return [r for r in (load_run(f) for f in sorted(Path(folder).glob("*_seed*.json"))) if r and "final" in r]
 
 
-def _fmt(v, digits=4) -> str:
-    return "n/a" if v is None else f"{v:.{digits}f}"
+def report(folder: Path, img: Path | None, smooth: float, expected: Expected | None = None,
+           link_base: Path | None = None, name: str | None = None) -> str:  # fmt: skip
+    """The markdown of one task folder (also printed); a folder without records says so."""
+    records = read_records(folder) if Path(folder).is_dir() else []
+    if records:
+        text = task_markdown(records, expected or Expected(), img, link_base, smooth)
+    else:
+        text = f"### {name or Path(folder).name}\n\nNo finished runs yet in {folder}.\n"
+    print(text)
+    return text
 
 
-def cpu_seconds_to(run: dict, reference: dict) -> float | None:
-    """Process-CPU seconds ``run`` took to reach ``reference``'s final smoothed loss (the records' ``cpu_ms``)."""
-    step, _ = convergence(run, reference)
-    if step is None:
-        return None
-    return sum(s.get("cpu_ms", 0.0) for s in run["steps"] if s["step"] <= step) / 1000.0
+def _load_sweep_module():
+    spec = importlib.util.spec_from_file_location("sweep_driver", Path(__file__).with_name("sweep.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def telemetry(runs: list[dict]) -> dict:
-    """Mean over seeds of: final update rank (mean over layers), column-branch and skipped fractions."""
-    per_run = [telemetry_summary(r) for r in runs]
-
-    def mean(key):
-        vals = [t[key] for t in per_run if t.get(key) is not None]
-        return statistics.mean(vals) if vals else None
-
-    return {"rank": mean("update_rank"), "column": mean("column_fraction"), "skipped": mean("skipped_fraction")}
-
-
-def report(folder: Path, img: Path | None, smooth: float) -> None:
-    records = [r for r in (load_run(f) for f in sorted(folder.glob("*_seed*.json"))) if r and "final" in r]
-    if not records:
-        raise SystemExit(f"no run records in {folder}")
-    task = records[0]["config"]["task"]
-    metric = records[0]["config"].get("primary_metric", "score")
-    print(f"\n### {task} ({len(records)} runs; score = {metric} on dev)\n")
-    print("lr grid (seed 0, scored on the held-out part of train):\n")
-    print("| method | lr | held-out score | dev score |\n|---|---|---|---|")
-    for r in sorted((r for r in records if r["seed"] == 0), key=lambda r: (_order(r["method"]), r["config"]["lr"])):
-        f = r["final"]
-        print(f"| {r['method']} | {r['config']['lr']:g} | {_fmt(f.get('selection_score'))} | {_fmt(f.get('score'))} |")
-    best = select_lrs(records)
-    chosen = [r for r in records if r["config"]["lr"] == best[r["method"]]]
-    rows = sorted(aggregate(chosen), key=lambda row: _order(row["method"]))
-    lora = {r["seed"]: r for r in chosen if r["method"] == "lora"}
-    print("\n| method | lr | seeds | dev score (mean ± std) | vs LoRA: diff (p t-test / p Wilcoxon) | steps to LoRA's "
-          "final loss (reached) | CPU s to it | CPU ms/step | train loss (last 10) | update rank | column branch | "
-          "skipped |\n|" + "---|" * 12)  # fmt: skip
-    for row in rows:
-        m = row["method"]
-        runs = [r for r in chosen if r["method"] == m]
-        d = row.get("vs_lora_diff_mean")
-        vs = "-" if m == "lora" or d is None else (
-            f"{d:+.4f} ({_fmt(row.get('vs_lora_ttest_p'), 3)} / {_fmt(row.get('vs_lora_wilcoxon_p'), 3)})"
-        )  # fmt: skip
-        cpu = [cpu_seconds_to(r, lora[r["seed"]]) for r in runs if r["seed"] in lora]
-        cpu = [c for c in cpu if c is not None]
-        st = row.get("steps_to_lora_loss_mean")
-        t = telemetry(runs)
-        loss = statistics.mean(r["final"]["train_loss_last10"] for r in runs)
-        print(
-            f"| {m} | {row['lr']:g} | {row['seeds']} | {row['score_mean']:.4f} ± {row['score_std']:.4f} | {vs} | "
-            f"{'never' if st is None else f'{st:.0f}'} ({row.get('reached_lora_loss', '-')}) | "
-            f"{_fmt(statistics.mean(cpu) if cpu else None, 0)} | {row['cpu_ms_per_step_mean']:.0f} | {loss:.4f} | "
-            f"{_fmt(t['rank'], 1)} | {_fmt(t['column'], 2)} | {_fmt(t['skipped'], 3)} |"
-        )
-    if img is not None:
-        out = img / f"glue_{task}"
-        for p in plot_runs(chosen, out, smooth):
-            print(f"figure: {p}")
+def plan_tasks(plan_path: Path) -> list[tuple[str, Path, Expected]]:
+    """``(name, records folder, Expected)`` of every enabled task of a sweep plan."""
+    sweep = _load_sweep_module()
+    plan = sweep.load_plan(plan_path)
+    records = plan["sweep"].get("records") or plan["sweep"]["out"]
+    out = []
+    for task in plan["tasks"]:
+        o = task["options"]
+        exp = Expected(tuple(o.get("methods") or ()), tuple(o.get("seeds") or ()), tuple(o.get("lrs") or ()))
+        out.append((task["name"], Path(records) / task["name"], exp))
+    return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("folders", nargs="+", type=Path, help="optlora finetune --out folders, one per task")
+    p.add_argument("folders", nargs="*", type=Path, help="run-record folders, one per task")
+    p.add_argument("--plan", type=Path, default=None, help="a sweep plan: its tasks' record folders and expected runs")
     p.add_argument("--img", type=Path, default=None, help="write the figures to IMG/glue_<task>/")
+    p.add_argument("--md", type=Path, default=None, help="also write the markdown here (figure links relative to it)")
     p.add_argument("--smooth", type=float, default=0.95, help="EMA factor of the training-loss curves (default 0.95)")
     args = p.parse_args(argv)
-    for folder in args.folders:
-        report(folder, args.img, args.smooth)
+    if not args.folders and args.plan is None:
+        p.error("give record folders or --plan")
+    tasks = [(f.name, f, Expected()) for f in args.folders]
+    if args.plan is not None:
+        try:
+            tasks += plan_tasks(args.plan)
+        except ValueError as exc:  # the driver's PlanError
+            print(f"glue_report: error: {exc}", file=sys.stderr)
+            return 2
+    link_base = args.md.parent if args.md is not None else None
+    parts = [report(folder, args.img, args.smooth, exp, link_base, name) for name, folder, exp in tasks]
+    if args.md is not None:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        args.md.write_text("\n".join(parts), encoding="utf-8")
+        print(f"markdown: {args.md}")
     return 0
 
 

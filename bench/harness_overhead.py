@@ -8,7 +8,7 @@ a linear schedule and clipping, on the same training sentences and batch size:
 * **old loop** -- the loop ``optlora finetune`` had before it moved to ``transformers.Trainer``:
   pre-tokenised tensors padded to ``--max-len``, each batch trimmed to its longest row, forward,
   backward, clip, step, schedule, zero_grad, ``float(loss)``; timed per step around exactly that;
-* **Trainer harness** -- :func:`optlora.experiments.harness.train_one` (``datasets.Dataset``,
+* **Trainer harness** -- :func:`optlora_experiments.harness.train_one` (``datasets.Dataset``,
   ``DataCollatorWithPadding``, ``logging_steps=1``, the recording callbacks); its ``ms_per_step``
   is timed from ``on_step_begin`` to ``on_step_end`` (collation is outside, as in the old loop),
   and ``train_seconds / steps`` is reported too (everything, incl. data loading and logging).
@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from optlora.experiments import harness
-from optlora.experiments.baselines import build
-from optlora.experiments.data import DataError, load_task
-from optlora.experiments.finetune import default_config
-from optlora.experiments.models import default_model, load_classifier
+from optlora_experiments import harness
+from optlora_experiments.baselines import build
+from optlora_experiments.data import DataError, load_task
+from optlora_experiments.finetune import default_config
+from optlora_experiments.models import default_model, load_classifier
 
 
 def old_loop(rows, model_name, steps, batch_size, max_len, lr, seed) -> tuple[list[float], list[float]]:

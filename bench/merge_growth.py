@@ -27,7 +27,7 @@ def build(name: str, dtype: torch.dtype, rank: int):
         import peft
         from transformers import AutoModelForCausalLM
 
-        from optlora.experiments.models import smollm2_local_copy
+        from optlora_experiments.models import smollm2_local_copy
 
         base = AutoModelForCausalLM.from_pretrained(smollm2_local_copy(), dtype=dtype)
         cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0)

@@ -48,8 +48,8 @@ import torch
 
 import optlora
 from optlora import residual
-from optlora.experiments import data as D
-from optlora.experiments.models import default_model
+from optlora_experiments import data as D
+from optlora_experiments.models import default_model
 
 RUNS = ("lora", "reflora", "scalora_exact", "scalora_requant", "scalora_r8", "scalora_r16", "scalora_r32")
 

@@ -5,7 +5,7 @@
 
 Each worker runs under ``nice -n 19`` with one torch thread and walks the plan's enabled tasks in order:
 ``optlora finetune <task options> --resume --out <out>/<task> --records-dir <records>/<task>``. Several
-processes share a task's ``--out`` safely (each run is claimed; see ``optlora.experiments.runner``);
+processes share a task's ``--out`` safely (each run is claimed; see ``optlora_experiments.runner``);
 finetune exits 0 when the task is complete, 3 when every run left is held by another process or waits on
 an lr selection those runs decide: the worker then moves to the next task and comes back. When no task
 has anything it can run it sleeps ``poll_s`` and looks again, until every task is complete. Output goes
@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-EXIT_PENDING = 3  # optlora.experiments.runner.EXIT_PENDING (not imported: the driver needs no torch)
+EXIT_PENDING = 3  # optlora_experiments.runner.EXIT_PENDING (not imported: the driver needs no torch)
 SWEEP_KEYS = {"out", "records", "poll_s", "max_failures"}
 TASK_KEYS = {"name", "enabled"}
 
@@ -149,15 +149,34 @@ def worker(plan: dict, wid: int, command: list[str], extra: dict | None = None) 
     return 1 if bad else 0
 
 
+def runs_needed(options: dict) -> tuple[int, bool] | None:
+    """``(runs, more possible)`` a task needs: per method its lr grid on the first seed plus one run per other
+    seed; ``more possible`` with ``lr_extend`` (an edge best adds grid points). None when the plan does not list
+    the methods (finetune's default, all of them, is not known here without importing it)."""
+    methods = options.get("methods")
+    if not methods:
+        return None
+    lrs, seeds = set(options.get("lrs") or [None]), options.get("seeds") or [0]
+    return len(methods) * (len(lrs) + len(seeds) - 1), bool(options.get("lr_extend")) and len(lrs) > 1
+
+
 def status(plan: dict) -> str:
-    """One line per task: finished run records in its --out and whether the last summary is complete."""
+    """One line per task: runs finished (of those needed), runs in progress (claimed), complete or not.
+
+    Finished runs are counted in the task's records folder when the plan has one (only this sweep's runs land
+    there), else in its ``--out``.
+    """
     lines = []
     for task in plan["tasks"]:
         out = Path(plan["sweep"]["out"]) / task["name"]
-        runs = len(list(out.glob("*_seed*.json"))) if out.is_dir() else 0
-        claims = len(list((out / "claims").glob("*.claim"))) if (out / "claims").is_dir() else 0
-        done = "aggregate.csv written" if (out / "aggregate.csv").is_file() else "not complete"
-        lines.append(f"{task['name']}: {runs} run records, {claims} claimed now, {done} ({out})")
+        rec = Path(plan["sweep"]["records"]) / task["name"] if plan["sweep"].get("records") else out
+        runs = len(list(rec.glob("*_seed*.json"))) if rec.is_dir() else 0
+        need = runs_needed(task["options"])
+        of = "" if need is None else f" of {'>= ' if need[1] else ''}{need[0]}"
+        held = sorted(c.stem for c in (out / "claims").glob("*.claim")) if (out / "claims").is_dir() else []
+        now = f"{len(held)} running now" + (f" ({', '.join(held)})" if held else "")
+        done = "complete" if (out / "aggregate.csv").is_file() else "not complete"
+        lines.append(f"{task['name']}: {runs}{of} runs finished ({rec}), {now}, {done}")
     return "\n".join(lines)
 
 

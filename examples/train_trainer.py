@@ -2,7 +2,7 @@
 
     python examples/train_trainer.py --method scalora                       # tiny config model, synthetic data
     python examples/train_trainer.py --method scalora --resume              # continue from the last checkpoint
-    python examples/train_trainer.py --model smollm2 --jsonl optlora/experiments/sample/gsm8k/train.jsonl.gz
+    python examples/train_trainer.py --model smollm2 --jsonl optlora_experiments/sample/gsm8k/train.jsonl.gz
 
 The tiny model is saved to ``--output-dir``/base first and loaded from there, so ``optlora export``
 finds its base. Checkpoints and the final ``model.save_pretrained`` hold a standard PEFT adapter (for ScaLoRA: the

@@ -1,7 +1,7 @@
 """Supervised fine-tuning with TRL's ``SFTTrainer`` + an optlora method (offline CPU demo in about a minute).
 
     python examples/train_trl.py --method reflora                      # tiny config model, synthetic data
-    python examples/train_trl.py --model smollm2 --jsonl optlora/experiments/sample/gsm8k/train.jsonl.gz --method scalora_i
+    python examples/train_trl.py --model smollm2 --jsonl optlora_experiments/sample/gsm8k/train.jsonl.gz --method scalora_i
 
 ``optlora.hf.OptLoRAMixin`` adds the ``method=`` argument to any Trainer subclass (here TRL's) and
 restores the method state from whatever checkpoint ``train(resume_from_checkpoint=...)`` is given.

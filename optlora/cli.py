@@ -23,13 +23,22 @@ import traceback
 import warnings
 from pathlib import Path
 
+#: the experiments' top-level package (the `experiments` extra): the one place the library names it
+EXPERIMENTS = "optlora_experiments"
 SUBCOMMANDS = (
-    ("optlora.experiments.mf", "mf"),
-    ("optlora.experiments.finetune", "finetune"),
-    ("optlora.experiments.plots", "plot"),
-    ("optlora.experiments.demo", "demo"),
+    (f"{EXPERIMENTS}.mf", "mf"),
+    (f"{EXPERIMENTS}.finetune", "finetune"),
+    (f"{EXPERIMENTS}.plots", "plot"),
+    (f"{EXPERIMENTS}.demo", "demo"),
     ("optlora.export_cli", "export"),
 )
+
+
+def experiments_module(name: str):
+    """``optlora_experiments.<name>``, imported lazily (an optional extra)."""
+    return importlib.import_module(f"{EXPERIMENTS}.{name}")
+
+
 _INTERNAL = {"func", "command", "config", "global_config", "help", "_strip_config"}
 #: messages of other libraries that the command line's user cannot act on: (logger, text in the message);
 #: a logger's filter sees only the records of that very logger, hence the full names

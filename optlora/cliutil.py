@@ -1,6 +1,6 @@
 """Command-line helpers shared by every ``optlora`` subcommand (a leaf: it imports nothing of optlora).
 
-The subcommands (:mod:`optlora.experiments` modules, :mod:`optlora.export_cli`) import this
+The subcommands (:mod:`optlora_experiments` modules, :mod:`optlora.export_cli`) import this
 module, and :mod:`optlora.cli` imports the subcommands, so there is no import cycle.
 """
 

@@ -61,7 +61,9 @@ def load_base(name: str, auto, checkpoint: str, dtype: torch.dtype | None = None
     """The pretrained model ``name``: a path or hub id, or an alias of ``optlora finetune`` (``minilm``, ``smollm2``,
     ``tiny``: the tiny random model of that seed-0 config, whose classifier size is read from the checkpoint)."""
     if name in ("minilm", "smollm2", "tiny"):  # the experiments' model names (a lazy import: an optional extra)
-        from .experiments import models
+        from .cli import experiments_module
+
+        models = experiments_module("models")
 
         if name == "tiny":
             tok = models.tiny_tokenizer()

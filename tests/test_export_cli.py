@@ -70,7 +70,7 @@ def test_the_recorded_base_is_the_default(scalora_model, tmp_path, capsys):
 
 
 def test_the_tiny_alias_of_finetune_works_in_export(tmp_path):
-    from optlora.experiments.models import tiny_causal_lm, tiny_tokenizer
+    from optlora_experiments.models import tiny_causal_lm, tiny_tokenizer
 
     tok = tiny_tokenizer()
     model = peft.get_peft_model(

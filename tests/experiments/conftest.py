@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from optlora.experiments.data import sources
+from optlora_experiments.data import sources
 
 from .datafix import make_data_root
 

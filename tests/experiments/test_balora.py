@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optlora.experiments import balora, baselines, finetune
-from optlora.experiments.models import tiny_classifier, tiny_tokenizer
+from optlora_experiments import balora, baselines, finetune
+from optlora_experiments.models import tiny_classifier, tiny_tokenizer
 
 
 def _pair(r=4, n_in=12, n_out=9, seed=0, scale_b=1e-2):

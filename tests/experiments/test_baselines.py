@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import optlora
-from optlora.experiments import baselines
-from optlora.experiments.models import tiny_classifier, tiny_tokenizer
-from optlora.experiments.telemetry import UpdateRankTracker, column_fraction, numerical_rank
+from optlora_experiments import baselines
+from optlora_experiments.models import tiny_classifier, tiny_tokenizer
+from optlora_experiments.telemetry import UpdateRankTracker, column_fraction, numerical_rank
 
 
 def _batch(tok, n=8, seed=0):

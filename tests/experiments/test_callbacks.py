@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from optlora.experiments.callbacks import HEARTBEAT_S, Heartbeat
+from optlora_experiments.callbacks import HEARTBEAT_S, Heartbeat
 
 
 def test_heartbeat_prints_when_the_interval_has_passed_and_only_then(capsys):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from optlora.experiments import claims as C
+from optlora_experiments import claims as C
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_hold_beats_the_heartbeat_and_releases(tmp_path):
 
 def test_the_lock_excludes_another_process(tmp_path):
     code = (
-        "import sys, time; from optlora.experiments.claims import locked\n"
+        "import sys, time; from optlora_experiments.claims import locked\n"
         "print('ready', flush=True); t = time.time()\nwith locked(sys.argv[1]): print(time.time() - t)\n"
     )
     with C.locked(tmp_path):

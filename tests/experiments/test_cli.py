@@ -9,8 +9,8 @@ import types
 import pytest
 
 from optlora import cli
-from optlora.experiments import mf
-from optlora.experiments import results as res
+from optlora_experiments import demo, mf
+from optlora_experiments import results as res
 
 
 def _subparsers(parser):
@@ -43,7 +43,7 @@ def test_subcommand_help_explains_every_option(name, capsys):
 def test_own_subcommands_are_available(name):
     sub = _subparsers(cli.build_parser()).choices[name]
     assert "unavailable" not in (sub.description or "")
-    assert sub.get_default("func").__module__ == f"optlora.experiments.{'plots' if name == 'plot' else name}"
+    assert sub.get_default("func").__module__ == f"optlora_experiments.{'plots' if name == 'plot' else name}"
 
 
 @pytest.fixture
@@ -148,11 +148,11 @@ def test_mf_rejects_bad_values(capsys):
 
 
 def test_demo_runs_mf_and_skips_a_missing_finetune(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "optlora.experiments.finetune", None)  # import now fails
+    monkeypatch.setitem(sys.modules, "optlora_experiments.finetune", None)  # import now fails
     out = tmp_path / "demo"
     assert cli.main(["demo", "--quick", "--mf-steps", "4", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "skipped: optlora.experiments.finetune is not importable" in printed
+    assert "skipped: optlora_experiments.finetune is not importable" in printed
     assert "reflora" in printed and "diverged" not in printed  # 4 steps: nobody has diverged yet
     for name in ("results.json", "lr_0.01/results.json", "lr_0.03/results.json", "summary.csv", "loss.png"):
         assert (out / "mf" / name).stat().st_size > 0
@@ -175,6 +175,14 @@ def test_demo_fine_tunes_offline_on_the_sample_or_a_data_dir(source, no_shared, 
     assert rec["final"]["test_examples"] == 4  # 2 steps x 16 examples; the fixture has only 24
     assert rec["config"]["data"]["train_examples"] == (32 if source == "sample" else 24)
     assert (out / "gsm8k_match" / "plots" / "loss_vs_step.png").is_file() == (source == "sample")
+
+
+def test_quick_demo_says_when_a_method_stayed_at_the_majority_baseline():
+    rows = [{"method": "lora", "below_majority": True, "majority_score": 0.5}, {"method": "scalora"}]
+    note = demo.quick_note(rows, 16)
+    assert note.startswith("With --quick (16 steps) lora scored at or below the majority baseline (0.5000)")
+    assert "\n" not in note and note.endswith("without --quick for the full preset.")  # one sentence
+    assert demo.quick_note(rows[1:], 16) == ""  # nothing when no method is at or below the baseline
 
 
 def test_demo_without_data_is_a_clear_error(no_shared, tmp_path, capsys):

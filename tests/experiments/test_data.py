@@ -8,9 +8,9 @@ import types
 
 import pytest
 
-from optlora.experiments.data import DataError, adapters, glue, load_task, sources
-from optlora.experiments.data.encode import IGNORE_INDEX, encode_causal, encode_classification
-from optlora.experiments.models import tiny_tokenizer
+from optlora_experiments.data import DataError, adapters, glue, load_task, sources
+from optlora_experiments.data.encode import IGNORE_INDEX, encode_causal, encode_classification
+from optlora_experiments.models import tiny_tokenizer
 
 from .datafix import write_tsv
 
@@ -115,7 +115,7 @@ def test_commonsense_math_and_gsm8k(data_root):
 
 
 def load_task_records(root):
-    from optlora.experiments.data import gsm8k_records
+    from optlora_experiments.data import gsm8k_records
 
     return gsm8k_records("train", root)[0]
 

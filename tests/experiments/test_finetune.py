@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from optlora import cli
-from optlora.experiments import finetune, results
-from optlora.experiments.callbacks import StepRecorder
+from optlora_experiments import finetune, results
+from optlora_experiments.callbacks import StepRecorder
 
 TINY = dict(model="tiny", steps=4, batch_size=8, progress=False, method_warmup=1, eval_batch_size=8, plots=False)
 
@@ -72,7 +72,7 @@ def test_methods_share_init_data_order_and_schedule_until_the_method_starts(data
 
 
 def test_regression_and_every_baseline_through_the_trainer(data_root, tmp_path):
-    from optlora.experiments.baselines import galore_unavailable
+    from optlora_experiments.baselines import galore_unavailable
 
     methods = ["lora_r32", "loraplus", "dora", "pissa", "full"] + ([] if galore_unavailable() else ["galore"])
     recs = finetune.run_finetune("stsb", methods, out_dir=tmp_path, data_dir=data_root, holdout_frac=0.0,
@@ -224,7 +224,7 @@ def test_epochs_set_the_steps_and_resume_treats_the_equivalent_steps_as_the_same
 
 
 def test_cli_exits_3_when_every_run_left_is_held_by_another_process(data_root, tmp_path, capsys):
-    from optlora.experiments import claims
+    from optlora_experiments import claims
 
     out = tmp_path / "o"
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])

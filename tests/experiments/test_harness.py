@@ -7,11 +7,11 @@ import types
 
 import pytest
 
-from optlora.experiments import harness
-from optlora.experiments.callbacks import StepRecorder, TelemetryCallback
-from optlora.experiments.data import load_task
-from optlora.experiments.finetune import default_config
-from optlora.experiments.models import tiny_tokenizer
+from optlora_experiments import harness
+from optlora_experiments.callbacks import StepRecorder, TelemetryCallback
+from optlora_experiments.data import load_task
+from optlora_experiments.finetune import default_config
+from optlora_experiments.models import tiny_tokenizer
 
 
 def test_split_is_deterministic_disjoint_and_in_file_order():

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from optlora.experiments import metrics as M
+from optlora_experiments import metrics as M
 
 
 def test_classification_metrics_match_their_definitions():

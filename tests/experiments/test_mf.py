@@ -10,8 +10,8 @@ import matplotlib.image
 import pytest
 
 from optlora import cli
-from optlora.experiments import mf
-from optlora.experiments.results import validate_mf_results
+from optlora_experiments import mf
+from optlora_experiments.results import validate_mf_results
 
 TINY = dict(m=20, n=16, rank=2, steps=60)
 

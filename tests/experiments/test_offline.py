@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 
 from optlora import cli
-from optlora.experiments.data import sources, tasks
+from optlora_experiments.data import sources, tasks
 
 
 @pytest.fixture

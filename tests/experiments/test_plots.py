@@ -11,8 +11,8 @@ import matplotlib.image
 import pytest
 
 from optlora import cli
-from optlora.experiments import plots
-from optlora.experiments import results as res
+from optlora_experiments import plots
+from optlora_experiments import results as res
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -44,13 +44,14 @@ def mf_result(lr=0.01, steps=12):
 def run_record(method, seed, steps=20, telemetry=True):
     log = []
     for t in range(1, steps + 1):
-        entry = {"step": t, "loss": 0.7 / (1 + 0.1 * t * (1 + seed)), "wall_time": 0.05 * t}
+        entry = {"step": t, "loss": 0.7 / (1 + 0.1 * t * (1 + seed)), "wall_time": 0.05 * t, "cpu_ms": 40.0}
         if method.startswith("scalora"):
             entry["column_fraction"] = 0.8
             if telemetry and t % 5 == 0:  # logged every 5 steps only
                 entry["rank_mean"] = 8.0 + t
         log.append(entry)
-    final = {"accuracy": 0.8 + 0.01 * seed + (0.05 if method != "lora" else 0.0), "ms_per_step": 30.0}
+    final = {"accuracy": 0.8 + 0.01 * seed + (0.05 if method != "lora" else 0.0), "ms_per_step": 30.0,
+             "cpu_ms_per_step": 25.0}  # fmt: skip
     env = {"python": "3", "torch": "x"}
     return res.make_run(method, seed, {"lr": 1e-3, "task": "sst2"}, log, final, env)
 
@@ -75,12 +76,33 @@ def test_plot_runs_groups_seeds(tmp_path):
     records = [run_record(m, s) for m in ("lora", "reflora", "scalora") for s in (0, 1)]
     written = plots.plot_runs(records, tmp_path, smooth=0.5)
     names = sorted(p.name for p in written)
-    assert names == ["final_metrics.png", "loss_vs_step.png", "loss_vs_time.png", "scalora.png"]
+    assert names == ["final_metrics.png", "loss_vs_cpu.png", "loss_vs_step.png", "scalora.png"]
     for p in written:
         assert_png(p)
-    # without ScaLoRA telemetry there is no scalora.png
-    written = plots.plot_runs([run_record("lora", 0)], tmp_path / "lora_only")
-    assert "scalora.png" not in {p.name for p in written}
+    # without ScaLoRA telemetry there is no scalora.png; without per-step CPU time no loss_vs_cpu.png (never wall)
+    lone = run_record("lora", 0)
+    for s in lone["steps"]:
+        del s["cpu_ms"]
+    written = plots.plot_runs([lone], tmp_path / "lora_only")
+    assert {p.name for p in written} == {"loss_vs_step.png", "final_metrics.png"}
+
+
+def test_loss_against_cpu_time_and_honest_bars(tmp_path, monkeypatch):
+    saved = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: saved.setdefault(path.name, fig) and path)
+    records = [run_record("lora", 0), run_record("scalora", 0), run_record("scalora", 1)]
+    for r in records:
+        r["final"]["majority_baseline"] = 0.7
+    plots.plot_runs(records, tmp_path)
+    (cpu,) = saved["loss_vs_cpu.png"].axes
+    assert cpu.get_xlabel() == "process CPU time (s)" and cpu.lines[0].get_xdata()[-1] == pytest.approx(20 * 0.04)
+    acc, ms = saved["final_metrics.png"].axes
+    assert acc.get_ylim()[0] == 0.0 and ms.get_title() == "cpu_ms_per_step"  # bars from 0; CPU, not wall ms_per_step
+    assert [t.get_text() for t in acc.get_xticklabels()] == ["lora\n(1 seed)", "scalora\n(2 seeds)"]
+    bars = [c for c in acc.containers if hasattr(c, "has_yerr") and c.has_yerr][0]
+    segments = bars.lines[2][0].get_segments()  # error bars: drawn for the 2 seeds of ScaLoRA only
+    assert [len(seg) for seg in segments] == [0, 2]  # LoRA's bar (1 seed) has none
+    assert [line.get_ydata()[0] for line in acc.lines if line.get_linestyle() == "--"] == [0.7]  # majority class
 
 
 def test_plot_cli_on_a_folder_of_mixed_results(tmp_path, capsys):
@@ -90,7 +112,7 @@ def test_plot_cli_on_a_folder_of_mixed_results(tmp_path, capsys):
     (tmp_path / "ft" / "notes.json").write_text('{"something": "else"}')
     assert cli.main(["plot", str(tmp_path), "--out", str(tmp_path / "figs")]) == 0
     printed = capsys.readouterr().out.split()
-    assert len(printed) == 2 + 2 + 3  # mf per lr, mf comparison, runs (no ScaLoRA curves)
+    assert len(printed) == 2 + 2 + 3  # mf per lr, mf comparison, runs (loss vs step and CPU time, bars)
     for p in printed:
         assert_png(p)
     assert cli.main(["plot", str(tmp_path / "mf" / "lr_0.01" / "results.json")]) == 0  # next to the file

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from optlora.experiments import claims, compact, results, runner
+from optlora_experiments import claims, compact, results, runner
 
 CFG = {"steps": 2, "rank": 8, "smooth_window": None}
 INFO = {"train_examples": 10}

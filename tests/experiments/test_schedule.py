@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from optlora.experiments import schedule as S
+from optlora_experiments import schedule as S
 
 GRID = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3]
 

@@ -111,4 +111,24 @@ def test_two_workers_finish_a_two_task_plan_and_train_each_run_once(data_root, t
         assert len(list((tmp_path / "records" / task).glob("*.json"))) == 6
         with open(tmp_path / "runs" / task / "aggregate.csv") as fh:
             assert {r["method"] for r in csv.DictReader(fh)} == {"lora", "balora"}
-    assert "every task complete" in logs and "sst2: 6 run records, 0 claimed now" in done.stdout
+    assert "every task complete" in logs and "sst2: 6 of 6 runs finished (records/sst2), 0 running now, complete" in (
+        done.stdout
+    )
+
+
+def test_status_counts_this_sweeps_records_against_the_runs_needed(tmp_path):
+    plan = sweep.load_plan(ROOT / "bench" / "sweep_plan.toml")
+    plan["sweep"].update(out=str(tmp_path / "runs"), records=str(tmp_path / "records"))
+    (tmp_path / "records" / "cola").mkdir(parents=True)
+    for name in ("cola_lora_lr0.0001_seed0", "cola_dora_lr0.0001_seed0"):
+        (tmp_path / "records" / "cola" / f"{name}.json").write_text("{}")
+    (tmp_path / "runs" / "cola" / "claims").mkdir(parents=True)
+    (tmp_path / "runs" / "cola" / "claims" / "cola_pissa_lr0.0001_seed0.claim").write_text("{}")
+    (tmp_path / "runs" / "cola" / "cola_lora_lr0.0001_seed0.json").write_text("{}")  # e.g. another configuration
+    lines = sweep.status(plan).splitlines()
+    # 11 methods x (5 grid lrs + seeds 1 and 2), more if a grid is extended
+    assert lines[0] == (f"cola: 2 of >= 77 runs finished ({tmp_path / 'records' / 'cola'}), 1 running now "
+                        "(cola_pissa_lr0.0001_seed0), not complete")  # fmt: skip
+    assert lines[1].startswith("mrpc: 0 of >= 77 runs finished") and len(lines) == 4
+    assert sweep.runs_needed({"methods": ["a", "b"], "lrs": [1e-3], "seeds": [0, 1, 2]}) == (6, False)
+    assert sweep.runs_needed({}) is None

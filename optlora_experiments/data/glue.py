@@ -12,7 +12,7 @@ tasks listed in :data:`GLUE_TASKS`:
 
 Rows are ``{"text": str, "text_pair": str | None, "label": int | float}``. String labels
 (``entailment`` ...) are mapped to ids in the hub's order for the GLUE tasks, in sorted order
-otherwise. Metrics (scikit-learn / scipy, :mod:`optlora.experiments.metrics`): CoLA Matthews
+otherwise. Metrics (scikit-learn / scipy, :mod:`optlora_experiments.metrics`): CoLA Matthews
 correlation, MRPC / QQP accuracy and F1, STS-B Pearson and Spearman, the rest accuracy.
 """
 

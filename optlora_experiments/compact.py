@@ -1,6 +1,6 @@
 """Compact run records for the repository: every table and figure can be rebuilt from them alone.
 
-A full run record (:mod:`optlora.experiments.results`) keeps a dict per optimizer step (~400 KB for
+A full run record (:mod:`optlora_experiments.results`) keeps a dict per optimizer step (~400 KB for
 1,200 steps). :func:`compact_record` keeps the configuration, environment, final metrics, lr selection,
 ScaLoRA/optlora statistics, sample outputs and the telemetry summary (:func:`telemetry_summary`) whole,
 and the per-step series as rounded arrays::
@@ -11,7 +11,7 @@ and the per-step series as rounded arrays::
                 "cpu_ms": [61.2, ...],                             # 3 significant digits
                 "telemetry": [[50, 8.1, 0.75], ...]}}              # [step, update rank, column fraction]
 
-:func:`expand_record` turns it back into a run record that :mod:`~optlora.experiments.aggregate`, the plots
+:func:`expand_record` turns it back into a run record that :mod:`~optlora_experiments.aggregate`, the plots
 and ``bench/glue_report.py`` read (``wall_time`` is not kept: it is None in the expanded steps; CPU time
 compares methods on a shared machine). :func:`load_run` reads either form.
 """

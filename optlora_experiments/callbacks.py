@@ -9,7 +9,7 @@
   records are saved with every Trainer checkpoint (``optlora_steps.json``) and read back when the
   Trainer resumes from one, so a resumed run keeps the steps before the interruption.
 * :class:`TelemetryCallback` -- for LoRA-family runs: the numerical rank of the accumulated update
-  every ``every`` steps (:class:`~optlora.experiments.telemetry.UpdateRankTracker`), and on every
+  every ``every`` steps (:class:`~optlora_experiments.telemetry.UpdateRankTracker`), and on every
   step the optlora method acted on, ScaLoRA's column-scaling fraction and the fraction of layers
   the method skipped (``len(method.stats()['last_skipped_layers']) / layers``). It runs after
   :class:`StepRecorder` in ``on_step_end``, so its cost is outside the step time.

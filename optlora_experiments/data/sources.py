@@ -9,7 +9,7 @@ Every loader asks :func:`candidate_roots` for the places to look, in this order:
 3. the hub through :func:`datasets.load_dataset`, unless ``HF_HUB_OFFLINE`` /
    ``HF_DATASETS_OFFLINE`` is set or the hub cannot be reached (:func:`hub_reachable`: one
    quick connection, no retries);
-4. the licence-clean sample shipped inside the package (``optlora/experiments/sample``), only
+4. the licence-clean sample shipped inside the package (``optlora_experiments/sample``), only
    when the caller allows it (``optlora demo``).
 
 Missing or unreadable data raises :class:`DataError`, whose message is one sentence that says

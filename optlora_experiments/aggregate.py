@@ -9,7 +9,13 @@
   metric of :func:`convergence`.
 * :func:`convergence` -- the first step (and wall-clock second) at which a run's smoothed
   training loss (trailing mean over ``window`` steps) reaches LoRA's final smoothed training
-  loss on the same seed.
+  loss on the same seed; :func:`cpu_seconds` -- the process-CPU seconds of those steps (what the
+  tables compare: on a shared machine wall time measures the neighbours too).
+* :func:`majority_score` -- what always answering the most frequent label scores on the primary
+  metric; the tables flag a score that is not above it (:func:`format_table`).
+
+Honest displays: one seed gets no spread and no test (the cells say "1 seed"), LoRA is not compared
+with itself, and methods are compared by CPU time, never wall time.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ def select_lrs(records: list[dict]) -> dict[str, float]:
     """Best lr per method on the held-out part of train, judged on each method's first (smallest) seed.
 
     A method whose records carry the sweep's final selection (``record["selection"]``, see
-    :mod:`~optlora.experiments.schedule`) keeps that lr.
+    :mod:`~optlora_experiments.schedule`) keeps that lr.
     """
     best: dict[str, float] = {}
     for method in dict.fromkeys(r["method"] for r in records):
@@ -83,6 +89,36 @@ def convergence(run: dict, reference: dict, window: int | None = None) -> tuple[
     return None, None
 
 
+def cpu_seconds(run: dict, step: int | None) -> float | None:
+    """Process-CPU seconds of ``run``'s steps up to ``step`` (the records' per-step ``cpu_ms``).
+
+    None when ``step`` is None or a step up to it has no finite ``cpu_ms`` (e.g. the steps before a resume).
+    """
+    if step is None:
+        return None
+    ms = [s.get("cpu_ms") for s in run["steps"] if s["step"] <= step]
+    if not ms or not all(_finite(v) for v in ms):
+        return None
+    return sum(ms) / 1000.0
+
+
+def majority_score(record: dict, scored_set: str | None = None) -> float | None:
+    """The score on the primary metric of always predicting the most frequent label, or None if unknown.
+
+    Accuracy: the recorded share of the most frequent label in the scored set (``majority_baseline`` for the
+    headline score, ``<set>_majority`` for ``scored_set``, e.g. ``"holdout"``); Matthews correlation: 0 (a
+    constant prediction has no correlation; scikit-learn returns 0). Other metrics (F1, Pearson/Spearman,
+    generation accuracy) have no recorded baseline: None.
+    """
+    metric = record["config"].get("primary_metric")
+    share = record["final"].get(f"{scored_set}_majority" if scored_set else "majority_baseline")
+    if metric == "accuracy" and _finite(share):
+        return float(share)
+    if metric == "matthews":
+        return 0.0
+    return None
+
+
 def aggregate(records: list[dict], window: int | None = None) -> list[dict]:
     """One row per method (records already restricted to each method's selected lr)."""
     by_method: dict[str, list[dict]] = {}
@@ -115,42 +151,86 @@ def aggregate(records: list[dict], window: int | None = None) -> list[dict]:
                 [mine[s]["final"].get("score") for s in seeds], [ref[s]["final"].get("score") for s in seeds]
             )
             row.update({f"vs_lora_{k}": v for k, v in test.items()})
-        if ref:
-            hits = [convergence(r, ref[r["seed"]], window) for r in rs if r["seed"] in ref]
-            reached = [h for h in hits if h[0] is not None]
+        if ref and method != REFERENCE:  # LoRA against its own final loss says nothing
+            hits = [(r, convergence(r, ref[r["seed"]], window)) for r in rs if r["seed"] in ref]
+            reached = [(r, h) for r, h in hits if h[0] is not None]
             row["reached_lora_loss"] = f"{len(reached)}/{len(hits)}"
-            row["steps_to_lora_loss_mean"] = statistics.mean(h[0] for h in reached) if reached else None
-            secs = [h[1] for h in reached if h[1] is not None]  # compact records keep no wall time
+            row["steps_to_lora_loss_mean"] = statistics.mean(h[0] for _, h in reached) if reached else None
+            cpu = [cpu_seconds(r, h[0]) for r, h in reached]
+            row["cpu_seconds_to_lora_loss_mean"] = statistics.mean(cpu) if reached and None not in cpu else None
+            secs = [h[1] for _, h in reached if h[1] is not None]  # wall (CSV only); compact records keep none
             row["seconds_to_lora_loss_mean"] = statistics.mean(secs) if secs else None
+        base = {majority_score(r) for r in rs}
+        if len(base) == 1 and None not in base and "score_mean" in row:
+            row["majority_score"] = base.pop()
+            row["below_majority"] = row["score_mean"] <= row["majority_score"]
         rows.append(row)
     return rows
 
 
-def _pm(row: dict, key: str, digits: int = 4) -> str:
-    m, s = row.get(f"{key}_mean"), row.get(f"{key}_std")
-    return "n/a" if m is None else f"{m:.{digits}f} +- {s:.{digits}f}"
+MAJORITY_NOTE = "not above the majority-class baseline (always answering the most frequent label scores {:.4f} here)"
+
+
+def score_cell(row: dict, key: str = "score", digits: int = 4, pm: str = "±") -> str:
+    """``mean ± std`` over seeds; one seed: ``value (1 seed)`` (no spread); no finite value: ``none finite``."""
+    m, s, n = row.get(f"{key}_mean"), row.get(f"{key}_std"), row.get("seeds", 0)
+    if m is None:
+        return "none finite (diverged?)"
+    return f"{m:.{digits}f} (1 seed)" if n == 1 else f"{m:.{digits}f} {pm} {s:.{digits}f}"
+
+
+def majority_mark(row: dict, mark: str = "†") -> str:
+    """`` ≤ majority†`` when the row's mean score is not above :func:`majority_score` (see :data:`MAJORITY_NOTE`)."""
+    return f" ≤ majority{mark}" if row.get("below_majority") else ""
+
+
+def vs_lora_cell(row: dict) -> str:
+    """Mean paired difference to LoRA with the p-values; ``1 seed: no test`` for a single pair; ``-`` for LoRA."""
+    if row["method"] == REFERENCE:
+        return "-"
+    pairs, d = row.get("vs_lora_pairs"), row.get("vs_lora_diff_mean")
+    if not pairs or d is None:
+        return "no LoRA run on these seeds" if "vs_lora_pairs" in row else "no LoRA runs"
+    if pairs == 1:
+        return f"{d:+.4f} (1 seed: no test)"
+    t, w = row.get("vs_lora_ttest_p"), row.get("vs_lora_wilcoxon_p")
+    if t is None and w is None:
+        return f"{d:+.4f} (same score on all {pairs} seeds)"
+    return f"{d:+.4f} (p {_p(t)} / {_p(w)})"
+
+
+def convergence_cell(row: dict) -> str:
+    """``steps (CPU s), reached/seeds`` to LoRA's final smoothed loss; ``-`` for LoRA itself."""
+    if row["method"] == REFERENCE or "reached_lora_loss" not in row:
+        return "-"
+    st = row.get("steps_to_lora_loss_mean")
+    if st is None:
+        return f"never, {row['reached_lora_loss']}"
+    secs = row.get("cpu_seconds_to_lora_loss_mean")
+    secs = "-" if secs is None else (f"{secs:.0f}" if secs >= 10 else f"{secs:.2g}")
+    return f"{st:.0f} ({secs} CPU s), {row['reached_lora_loss']}"
+
+
+def majority_footnote(rows: list[dict], mark: str = "†") -> str:
+    """The footnote of the flagged rows (empty when none is flagged)."""
+    flagged = [r for r in rows if r.get("below_majority")]
+    if not flagged:
+        return ""
+    return f"{mark} {', '.join(r['method'] for r in flagged)}: " + MAJORITY_NOTE.format(flagged[0]["majority_score"])
 
 
 def format_table(rows: list[dict], metric: str = "score") -> str:
-    """Markdown table of :func:`aggregate` rows."""
-    head = ["method", "lr", "seeds", metric, "vs LoRA (p t / p W)", "steps (s) to LoRA loss", "ms/step", "CPU ms/step",
-            "peak MB", "update rank", "column branch"]  # fmt: skip
+    """Markdown table of :func:`aggregate` rows, compared by CPU time (wall time is in ``aggregate.csv`` only)."""
+    head = ["method", "lr", "seeds", metric, "vs LoRA: diff (p t-test / p Wilcoxon)", "steps (CPU s) to LoRA's loss",
+            "CPU ms/step", "peak MB", "update rank", "column branch"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        d = r.get("vs_lora_diff_mean")
-        vs = "-" if d is None else f"{d:+.4f} ({_p(r.get('vs_lora_ttest_p'))} / {_p(r.get('vs_lora_wilcoxon_p'))})"
-        st = r.get("steps_to_lora_loss_mean")
-        conv = "-" if "reached_lora_loss" not in r else (
-            f"{st:.0f} ({_num(r['seconds_to_lora_loss_mean'], 0)} s), {r['reached_lora_loss']}" if st is not None
-            else f"never, {r['reached_lora_loss']}"
-        )  # fmt: skip
-        nums = [f"{r.get(k + '_mean'):.0f}" if r.get(k + "_mean") is not None else "n/a"
-                for k in ("ms_per_step", "cpu_ms_per_step", "peak_memory_mb")]  # fmt: skip
+        nums = [_num(r.get(k + "_mean"), 0) for k in ("cpu_ms_per_step", "peak_memory_mb")]
         nums += [_num(r.get("update_rank_mean"), 1), _num(r.get("column_fraction_mean"), 2)]
-        lines.append(
-            "| " + " | ".join([r["method"], f"{r['lr']:g}", str(r["seeds"]), _pm(r, metric), vs, conv, *nums]) + " |"
-        )
-    return "\n".join(lines)
+        cells = [r["method"], f"{r['lr']:g}", str(r["seeds"]), score_cell(r, metric) + majority_mark(r)]
+        lines.append("| " + " | ".join([*cells, vs_lora_cell(r), convergence_cell(r), *nums]) + " |")
+    note = majority_footnote(rows)
+    return "\n".join(lines) + (f"\n\n{note}" if note else "")
 
 
 def _num(v, digits: int) -> str:
@@ -177,7 +257,12 @@ def describe_scoring(records: list[dict]) -> str:
             part += f" (generation on {fin[s + '_gen_examples']})"
         parts.append(part)
     avg = " averaged over the sets" if len(sets) > 1 else ""
-    base = f"; majority baseline {fin['majority_baseline']:.4f}" if _finite(fin.get("majority_baseline")) else ""
+    base, maj = "", majority_score(r)
+    if maj is not None and metric != "accuracy":  # e.g. Matthews: 0, whatever the label shares
+        acc = fin.get("majority_baseline")
+        base = f"; majority baseline {maj:.4f} {metric}" + (f" (accuracy {acc:.4f})" if _finite(acc) else "")
+    elif maj is not None:
+        base = f"; majority baseline {maj:.4f}"
     return f"score = {metric}{avg} on {', '.join(parts)} examples{base}"
 
 

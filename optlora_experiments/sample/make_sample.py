@@ -1,6 +1,6 @@
 """Rebuild the embedded GSM8K sample from a full copy of GSM8K (maintainers only).
 
-    python optlora/experiments/sample/make_sample.py ../shared/data/gsm8k
+    python optlora_experiments/sample/make_sample.py ../shared/data/gsm8k
 
 Writes ``gsm8k/train.jsonl.gz`` (the first ``TRAIN_ROWS`` rows of ``train.jsonl``) and
 ``gsm8k/test.jsonl.gz`` (the first ``TEST_ROWS`` rows of ``test.jsonl``) next to this file,

@@ -6,7 +6,7 @@ Task names (``optlora finetune --task``):
   or any folder of GLUE-format ``train.tsv`` + ``dev.tsv`` -> classification / regression, scored on dev;
 * ``gsm8k`` -> generation (train on GSM8K train, score on test);
 * ``gsm8k_match`` -> pair classification: does this first solution step belong to this GSM8K
-  problem? (the demo task; :func:`optlora.experiments.data.adapters.match_rows`);
+  problem? (the demo task; :func:`optlora_experiments.data.adapters.match_rows`);
 * ``commonsense`` -> generation, trained on a mix of commonsense train splits (default: boolq,
   ARC-Easy, ARC-Challenge, openbookqa -- the ones available offline) and scored on each test set;
 * ``math`` -> generation, trained on GSM8K train + LLM-Adapters' math_data, scored on GSM8K and SVAMP;

@@ -2,7 +2,7 @@
 
 Same model, rank, data order, AdamW, schedule and clipping for all; only the learning rate is
 tuned per method. :func:`build` returns a :class:`Setup` that ``transformers.Trainer`` runs
-(:mod:`optlora.experiments.harness`): the Trainer builds AdamW and the schedule, except where a
+(:mod:`optlora_experiments.harness`): the Trainer builds AdamW and the schedule, except where a
 method needs its own optimizer. Baselines come from the ecosystem:
 
 * ``lora`` -- PEFT LoRA (Hu et al., 2022); ``lora_r32`` -- the same at rank 32 (the ScaLoRA paper's
@@ -13,7 +13,7 @@ method needs its own optimizer. Baselines come from the ecosystem:
 * ``riemannian`` -- ``peft.optimizers.create_riemannian_optimizer`` around AdamW (Zhang & Pilanci, 2024:
   ``r x r`` preconditioned LoRA gradients, PEFT's default damping ``reg=0.01``), handed over like LoRA+;
 * ``balora`` -- PEFT LoRA with AdamW whose factors are projected onto the balanced manifold after every
-  step (:mod:`~optlora.experiments.balora`, a step post-hook on this AdamW), handed over like LoRA+;
+  step (:mod:`~optlora_experiments.balora`, a step post-hook on this AdamW), handed over like LoRA+;
 * ``full`` -- full fine-tuning with AdamW;
 * ``galore`` -- transformers' built-in ``optim="galore_adamw"`` (``galore-torch``) on the target
   linear layers: full fine-tuning with rank-``r`` gradient projection;

@@ -1,10 +1,10 @@
 """The sweep loop of ``optlora finetune``: claim a run, train it, write its record; several processes may share ``--out``.
 
 Each pass reads the finished runs (with ``--resume``: every record in ``--out`` whose configuration
-matches; without: the runs of this process), asks :func:`~optlora.experiments.schedule.plan` for the
+matches; without: the runs of this process), asks :func:`~optlora_experiments.schedule.plan` for the
 runs still needed in order, and trains the first one it can claim
-(:class:`~optlora.experiments.claims.Claims`). The claimant writes the record (atomically), its compact
-copy (``records_dir``, :mod:`~optlora.experiments.compact`), then deletes its own Trainer checkpoint folder
+(:class:`~optlora_experiments.claims.Claims`). The claimant writes the record (atomically), its compact
+copy (``records_dir``, :mod:`~optlora_experiments.compact`), then deletes its own Trainer checkpoint folder
 ``<out>/checkpoints/<run>`` and releases the claim; no process deletes another's checkpoints. Once a
 method's lr selection is final it is written into every record of that method (``"selection"`` and
 ``config["selected_lr"]``). When every run is done, ``summary.csv``, ``aggregate.csv`` and the plots are
@@ -207,7 +207,7 @@ def sweep(prep, cfg, defaults, methods, seeds, grids, *, resume, out, plots=True
     """Run (or join) the sweep; return its records once every run is complete, else raise :class:`SweepPending`.
 
     ``grids``: method -> lr grid; ``train``: the function that trains one run
-    (default :func:`optlora.experiments.harness.train_one`; tests pass a fake).
+    (default :func:`optlora_experiments.harness.train_one`; tests pass a fake).
     """
     if train is None:
         from .harness import train_one as train

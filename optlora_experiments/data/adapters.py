@@ -10,7 +10,7 @@ Rows are ``{"prompt", "completion", "answer", "answer_type", "dataset"}``: the p
 Alpaca/LLM-Adapters template (without the stray indentation of their source file), the
 completion is ``output`` (GSM8K: the worked solution), ``answer`` the gold answer and
 ``answer_type`` one of ``"number"``, ``"letter"``, ``"option"``. Scoring follows LLM-Adapters'
-``evaluate.py`` / ``commonsense_evaluate.py`` (see :mod:`optlora.experiments.metrics`).
+``evaluate.py`` / ``commonsense_evaluate.py`` (see :mod:`optlora_experiments.metrics`).
 
 Online, the sets load from the LLM-Adapters repository through
 ``datasets.load_dataset("json", data_files=URL)`` (:func:`hub_url`) and GSM8K from

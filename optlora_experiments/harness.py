@@ -1,18 +1,18 @@
 """One fine-tuning run through ``transformers.Trainer`` with the ``optlora.hf`` integration.
 
-:func:`prepare` turns a :class:`~optlora.experiments.data.TaskData` into ``datasets.Dataset``\\ s
+:func:`prepare` turns a :class:`~optlora_experiments.data.TaskData` into ``datasets.Dataset``\\ s
 once per sweep: a deterministic held-out part of train (for learning-rate selection), the rest
 for training (optionally a random subset), and the evaluation sets (optionally subsampled).
 Subsets are ``sorted(random.Random(split_seed).sample(...))``: the same rows in file order for
 a given file, whoever loads it.
 
-:func:`train_one` builds the method (:func:`~optlora.experiments.baselines.build`), runs
+:func:`train_one` builds the method (:func:`~optlora_experiments.baselines.build`), runs
 ``Trainer.train`` (AdamW, linear warm-up/decay, clipping, batching with dynamic padding, seeded
 data order, logging, optional checkpoints: all the Trainer's own), the recording callbacks of
-:mod:`~optlora.experiments.callbacks`, then scores every evaluation set: ``Trainer.evaluate``
+:mod:`~optlora_experiments.callbacks`, then scores every evaluation set: ``Trainer.evaluate``
 with scikit-learn/scipy ``compute_metrics`` for classification / regression; for generation the
 answer-token loss (``Trainer.evaluate``) and greedy decoding + answer extraction
-(:mod:`~optlora.experiments.metrics`). It returns one run record (:mod:`~optlora.experiments.results`).
+(:mod:`~optlora_experiments.metrics`). It returns one run record (:mod:`~optlora_experiments.results`).
 """
 
 from __future__ import annotations

@@ -44,7 +44,8 @@ from pathlib import Path
 
 import torch
 
-from ..cliutil import HelpFormatter
+from optlora.cliutil import HelpFormatter
+
 from . import results as res
 
 METHODS = ("lora", "scaledgd", "reflora", "reflora_s", "scalora", "scalora_i")

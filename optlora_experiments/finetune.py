@@ -2,7 +2,7 @@
 
 Every method gets the same model, LoRA rank, steps, data order (seed), AdamW, linear warm-up /
 decay schedule and gradient clipping -- ``transformers.Trainer`` runs them all
-(:mod:`optlora.experiments.harness`); only the learning rate differs.
+(:mod:`optlora_experiments.harness`); only the learning rate differs.
 
 **Learning rates are chosen on data held out from train, never on dev/test.** A deterministic
 part of train (``--holdout-frac``, at most ``--holdout-max`` examples, drawn with
@@ -12,18 +12,18 @@ regression: the task's primary metric; generation: the lowest answer loss), and 
 train at that lr on the same split. Every run is then scored on dev / test.
 
 Outputs in ``--out``: one JSON per run, written the moment it finishes
-(``<task>_<method>_lr<lr>_seed<seed>.json``, :mod:`optlora.experiments.results` format plus
+(``<task>_<method>_lr<lr>_seed<seed>.json``, :mod:`optlora_experiments.results` format plus
 ``sample_outputs`` for generation), ``summary.csv`` (every run), ``aggregate.csv`` (per method at
 its selected lr: mean +- std over seeds, a paired t-test / Wilcoxon test against LoRA on the
 same seeds, and the step / second at which the smoothed training loss reaches LoRA's final one,
-:mod:`optlora.experiments.aggregate`) and ``plots/``. ``--resume`` reuses finished runs whose
+:mod:`optlora_experiments.aggregate`) and ``plots/``. ``--resume`` reuses finished runs whose
 config matches (a key missing from an older record counts as its default; ``--epochs`` and the
 equivalent ``--steps`` are the same run), so an interrupted sweep continues where it stopped; with
 ``--save-steps`` an unfinished run also resumes from its last Trainer checkpoint. Several processes may
-run the same sweep in one ``--out`` (:mod:`~optlora.experiments.runner`: each run is claimed, each
+run the same sweep in one ``--out`` (:mod:`~optlora_experiments.runner`: each run is claimed, each
 keeps its own checkpoint folder); one that finds nothing it can run exits with status 3.
-``--lr-extend`` extends a grid whose best lr is at an edge (:mod:`~optlora.experiments.schedule`);
-``--records-dir`` gets a compact copy of every record (:mod:`~optlora.experiments.compact`).
+``--lr-extend`` extends a grid whose best lr is at an edge (:mod:`~optlora_experiments.schedule`);
+``--records-dir`` gets a compact copy of every record (:mod:`~optlora_experiments.compact`).
 
 Full GPU run, SmolLM2 on the math mix::
 
@@ -124,9 +124,9 @@ def run_finetune(
     ``opts`` override :func:`default_config` (e.g. ``steps=50, model="tiny"``; ``epochs=N`` sets ``steps``
     to ``ceil(N * train examples / (batch_size * grad_accum))``); ``allow_sample`` lets the data fall back
     to the embedded sample (``optlora demo``); ``plots=False`` skips the figures; ``lr_extend`` extends a
-    grid whose best lr is at an edge within ``[lr_min, lr_max]`` (:mod:`~optlora.experiments.schedule`);
-    ``records_dir`` receives a compact copy of every record (:mod:`~optlora.experiments.compact`).
-    Raises :class:`~optlora.experiments.runner.SweepPending` when other processes sharing ``out_dir``
+    grid whose best lr is at an edge within ``[lr_min, lr_max]`` (:mod:`~optlora_experiments.schedule`);
+    ``records_dir`` receives a compact copy of every record (:mod:`~optlora_experiments.compact`).
+    Raises :class:`~optlora_experiments.runner.SweepPending` when other processes sharing ``out_dir``
     hold every remaining run.
     """
     bad = [m for m in methods if m not in METHODS]
@@ -146,9 +146,7 @@ def run_finetune(
         raise UsageError(f"need 0 < --lr-min <= --lr-max, got {lr_min} and {lr_max}")
     data = load_task(task, opts.get("data_dir"), train_sets=opts.get("train_sets"), eval_sets=opts.get("eval_sets"),
                      allow_sample=allow_sample)  # fmt: skip
-    defaults = default_config(data.kind, data.name, data)
-    cfg = {**defaults, **{k: v for k, v in opts.items() if v is not None}}
-    cfg["model"] = cfg["model"] or default_model(data.kind)
+    cfg, defaults = run_config(data.kind, data.name, opts, data)
     lrs, full_lrs = list(lrs or DEFAULT_LRS[data.kind]), list(full_lrs or DEFAULT_FULL_LRS[data.kind])
     if (len(lrs) > 1 or len(full_lrs) > 1) and cfg["holdout_frac"] == 0:
         raise UsageError("an lr grid needs a held-out part of train to choose on: set --holdout-frac > 0")
@@ -183,6 +181,16 @@ def run_finetune(
         gc.unfreeze()
 
 
+def run_config(kind: str, task: str, opts: dict, data: TaskData | None = None) -> tuple[dict, dict]:
+    """``(cfg, defaults)`` of a run: :func:`default_config` with ``opts`` (None: the default) over it, the model
+    resolved to the task's default. ``--resume`` compares records with ``cfg``, a missing key as its default
+    (:func:`optlora_experiments.runner.matches`); ``steps`` is set from ``epochs`` once the data is known."""
+    defaults = default_config(kind, task, data)
+    cfg = {**defaults, **{k: v for k, v in opts.items() if v is not None}}
+    cfg["model"] = cfg["model"] or default_model(kind)
+    return cfg, defaults
+
+
 def epochs_to_steps(epochs: float, examples: int, batch_size: int, grad_accum: int) -> int:
     """Optimizer steps of ``epochs`` passes over ``examples``: ``ceil(epochs * examples / (batch_size * grad_accum))``."""
     return max(1, math.ceil(epochs * examples / (batch_size * grad_accum)))
@@ -190,7 +198,7 @@ def epochs_to_steps(epochs: float, examples: int, batch_size: int, grad_accum: i
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``optlora finetune``."""
-    from ..cliutil import HelpFormatter
+    from optlora.cliutil import HelpFormatter
 
     p = subparsers.add_parser(
         "finetune",
@@ -292,7 +300,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> int:
+def options(args: argparse.Namespace) -> tuple[str, list[str] | None, dict]:
+    """``(task, methods, opts)`` of parsed ``optlora finetune`` arguments, with the ``--quick`` preset applied."""
     opts = {k: getattr(args, k) for k in default_config("classification") if hasattr(args, k)}
     task, methods = args.task, args.methods
     if args.quick:
@@ -302,6 +311,11 @@ def run(args: argparse.Namespace) -> int:
             opts[k] = opts.get(k) if opts.get(k) is not None else QUICK[k]
         opts["holdout_frac"] = opts.get("holdout_frac") if opts.get("holdout_frac") is not None else 0.0
     opts["progress"] = not args.no_progress
+    return task, methods, opts
+
+
+def run(args: argparse.Namespace) -> int:
+    task, methods, opts = options(args)
     try:
         run_finetune(task, methods or list(METHODS), out_dir=args.out, seeds=args.seeds, lrs=args.lrs,
                      full_lrs=args.full_lrs, resume=args.resume, lr_extend=args.lr_extend, lr_min=args.lr_min,

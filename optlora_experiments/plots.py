@@ -1,13 +1,15 @@
 """Figures from optlora result files (``optlora plot RESULTS.json|DIR ...``).
 
-* matrix-factorisation results (:mod:`optlora.experiments.mf`): ``loss.png`` (log-scale loss
+* matrix-factorisation results (:mod:`optlora_experiments.mf`): ``loss.png`` (log-scale loss
   per method, RefLoRA Fig. 2a) and ``balance.png`` (``||A||_F``, ``||B||_F`` and their
   gradient norms, Fig. 2b);
-* per-run records (:mod:`optlora.experiments.results`, e.g. ``optlora finetune``), grouped by
-  method over seeds: ``loss_vs_step.png`` and ``loss_vs_time.png`` (mean, shaded +/- one
-  standard deviation), ``final_metrics.png`` (bars: mean with standard-deviation error
-  bars over seeds, per final metric) and, when the runs log them, ``scalora.png`` (rank
-  of the cumulative update and fraction of layers on the column-scaling branch).
+* per-run records (:mod:`optlora_experiments.results`, e.g. ``optlora finetune``), grouped by
+  method over seeds: ``loss_vs_step.png`` and ``loss_vs_cpu.png`` (against process-CPU time,
+  which compares methods on a shared machine; wall time would measure the neighbours too; mean,
+  shaded +/- one standard deviation over 2+ seeds), ``final_metrics.png`` (bars from 0: mean,
+  with standard-deviation error bars only over 2+ seeds, per final metric; the majority-class
+  accuracy dashed) and, when the runs log them, ``scalora.png`` (rank of the cumulative update
+  and fraction of layers on the column-scaling branch).
 
 Uses matplotlib's object API (``Figure``), so it never touches the pyplot state or the
 user's interactive backend.
@@ -16,12 +18,14 @@ user's interactive backend.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-from ..cliutil import HelpFormatter
+from optlora.cliutil import HelpFormatter
+
 from . import results as res
 
 COLORS = {
@@ -34,6 +38,9 @@ COLORS = {
     "dora": "tab:purple",
     "loraplus": "tab:brown",
     "pissa": "tab:pink",
+    "lora_r32": "darkgray",
+    "riemannian": "goldenrod",
+    "balora": "teal",
     "full": "black",
     "galore": "tab:green",
 }
@@ -173,9 +180,24 @@ def _by_method(records: list[dict]) -> dict[str, list[dict]]:
     return dict(groups)
 
 
+def _cpu_seconds(steps: list[dict]) -> list[float] | None:
+    """Cumulative process-CPU seconds at each step (the records' ``cpu_ms``); None if a step has none."""
+    ms = [s.get("cpu_ms") for s in steps]
+    if not ms or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in ms):
+        return None
+    return list(itertools.accumulate(v / 1000.0 for v in ms))
+
+
 def _pairs(run: dict, xkey: str, ykey: str, smooth: float) -> tuple[list[float], list[float]]:
-    """``(x, y)`` over the logged steps that have both keys (telemetry is logged every k steps only)."""
-    rows = [(s[xkey], s[ykey]) for s in run["steps"] if s.get(xkey) is not None and s.get(ykey) is not None]
+    """``(x, y)`` over the logged steps that have both keys (telemetry is logged every k steps only).
+
+    ``xkey="cpu_s"``: the cumulative CPU seconds (:func:`_cpu_seconds`); no pairs when the run lacks them.
+    """
+    steps = run["steps"]
+    if xkey == "cpu_s":
+        cpu = _cpu_seconds(steps)
+        steps = [{**s, "cpu_s": c} for s, c in zip(steps, cpu)] if cpu is not None else []
+    rows = [(s[xkey], s[ykey]) for s in steps if s.get(xkey) is not None and s.get(ykey) is not None]
     return [x for x, _ in rows], _ema([y for _, y in rows], smooth)
 
 
@@ -202,6 +224,41 @@ def _curves(ax, groups, xkey: str, ykey: str, smooth: float) -> bool:
     return drawn
 
 
+def _metric_bars(ax, groups: dict[str, list[dict]], metric: str) -> None:
+    """Mean of ``metric`` per method; error bars (one std) only over 2+ seeds; the axis includes 0.
+
+    Bars start at 0, so a difference looks as large as it is; the majority-class accuracy is drawn as a dashed
+    line where the records hold it (``accuracy`` panels).
+    """
+    names, means, errs = [], [], []
+    for name, runs in groups.items():
+        vals = [r["final"].get(metric) for r in runs]
+        vals = [v for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
+        if vals:
+            (m,), (s,) = _mean_std([[v] for v in vals])
+            names.append(f"{name}\n({len(vals)} seed{'s' if len(vals) > 1 else ''})")
+            means.append(m)
+            errs.append(s if len(vals) > 1 else math.nan)  # NaN: no error bar drawn for one seed
+    colors = [_color(n.split("\n")[0]) or "tab:purple" for n in names]
+    ax.bar(names, means, yerr=errs, capsize=4, color=colors)
+    ax.set_title(metric)
+    ax.tick_params(axis="x", labelsize="small")
+    base = {r["final"].get("majority_baseline") for rs in groups.values() for r in rs}
+    if metric == "accuracy" and len(base) == 1 and isinstance(next(iter(base)), (int, float)):
+        ax.axhline(next(iter(base)), color="black", ls="--", lw=1, label="majority class")
+        ax.legend(fontsize="x-small")
+    include_zero(ax)
+
+
+def include_zero(ax) -> None:
+    """Extend the y axis to 0 (scores and losses read against 0, not against a cut axis), with a 5% top margin."""
+    lo, hi = ax.get_ylim()
+    lo2, hi2 = min(lo, 0.0), max(hi, 0.0)
+    if (lo2, hi2) != (lo, hi):
+        hi2 += 0.05 * (hi2 - lo2) if hi2 > 0 else 0.0
+    ax.set_ylim(lo2, hi2)
+
+
 def plot_runs(records: list[dict], out_dir: str | Path, smooth: float = 0.0) -> list[Path]:
     """Loss vs step / wall time, final-metric bars and ScaLoRA curves for per-run records."""
     if not records:
@@ -211,11 +268,11 @@ def plot_runs(records: list[dict], out_dir: str | Path, smooth: float = 0.0) -> 
     out_dir, groups, written = Path(out_dir), _by_method(records), []
     for xkey, xlabel, fname in (
         ("step", "step", "loss_vs_step.png"),
-        ("wall_time", "wall time (s)", "loss_vs_time.png"),
+        ("cpu_s", "process CPU time (s)", "loss_vs_cpu.png"),  # not wall time: it measures the neighbours too
     ):
         fig, ax = _figure()
         if not _curves(ax[0, 0], groups, xkey, "loss", smooth):
-            continue  # e.g. no wall time in compact records
+            continue  # e.g. records without per-step CPU time
         ax[0, 0].set_xlabel(xlabel)
         ax[0, 0].set_ylabel("training loss" + (f" (EMA {smooth:g})" if smooth else ""))
         written.append(_save(fig, out_dir / fname))
@@ -224,22 +281,7 @@ def plot_runs(records: list[dict], out_dir: str | Path, smooth: float = 0.0) -> 
     if metrics:
         fig, ax = _figure(1, len(metrics), w=4.0)
         for i, metric in enumerate(metrics):
-            a = ax[0, i]
-            names, means, errs = [], [], []
-            for name, runs in groups.items():
-                vals = [r["final"].get(metric) for r in runs]
-                vals = [v for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
-                if vals:
-                    (m,), (s,) = _mean_std([[v] for v in vals])
-                    names.append(f"{name}\n(n={len(vals)})")
-                    means.append(m)
-                    errs.append(s)
-            a.bar(names, means, yerr=errs, capsize=4, color=[_color(n.split("\n")[0]) or "tab:purple" for n in names])
-            a.set_title(metric)
-            a.tick_params(axis="x", labelsize="small")
-            lo = min((m - e for m, e in zip(means, errs)), default=0.0)
-            if metric in ("accuracy", "exact_match") and lo > 0:
-                a.set_ylim(max(0.0, lo - 0.05 * abs(lo)), None)
+            _metric_bars(ax[0, i], groups, metric)
         written.append(_save(fig, out_dir / "final_metrics.png"))
     scal = {
         n: rs
