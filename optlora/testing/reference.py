@@ -324,8 +324,8 @@ def scalar_quantities_of(K: np.ndarray, lam: np.ndarray) -> dict:
     ``g_A, g_B`` sum the two halves of ``lambda``; ``p_A, p_B, p_AB`` sum the blocks of ``K``
     (``K = (A^T A o dB^T dB, A^T dA o dB^T B; ., dA^T dA o B^T B)``, and ``dB^T B = A^T G B = A^T dA``)."""
     r = K.shape[0] // 2
-    blocks = {"pA": K[:r, :r], "pB": K[r:, r:], "pAB": K[:r, r:]}
-    return {"gA": float(lam[:r].sum()), "gB": float(lam[r:].sum()), **{k: float(v.sum()) for k, v in blocks.items()}}
+    blocks = {"gA": lam[:r], "gB": lam[r:], "pA": K[:r, :r], "pB": K[r:, r:], "pAB": K[:r, r:]}
+    return {k: v.sum() for k, v in blocks.items()}  # numpy scalars of K's dtype: float32 stays float32
 
 
 def scalora_decision(K: np.ndarray, lam: np.ndarray, kappa: float, mode: str = "hybrid"):

@@ -31,7 +31,7 @@ from . import reference as ref
 #: the tolerance is this multiple of the measured rounding (docs/RELIABILITY.md)
 SPREAD_MULTIPLE = 4.0
 #: the closed forms' conditioning is measured from this many random perturbations (the largest is taken)
-PERTURBATIONS = 2
+PERTURBATIONS = 4
 
 
 def _rows(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -51,13 +51,18 @@ def _transfer(st: dict, scale: np.ndarray, side, rnd) -> dict:
     return out
 
 
-def closed_form(kind: str, L: dict, method: dict, perturb: float = 0.0, seed: int = 0, grams: str = "float64") -> dict:
+def closed_form(
+    kind: str, L: dict, method: dict, perturb: float = 0.0, seed: int = 0, grams: str = "float64", wide: bool = False
+) -> dict:
     """The method's decision for one layer from its factors and gradients, in float64.
 
     Every closed form is a function of Gram matrices (and their Hadamard products, ScaLoRA's ``K``). Two ways
     to measure how it treats rounding: ``perturb`` multiplies every input entry by ``1 +- perturb`` (random
-    signs; at least one ulp of 1) first, and ``grams`` forms the Grams in that dtype (the compute dtype: where
-    their products are subnormal or overflow there, the spread shows it). Returns ``{"ok": bool, ...}`` with ``S`` /
+    signs; at least one ulp of 1) first, and ``grams`` forms the Grams (and ``K``) in that dtype, the compute
+    dtype, and takes the rest in float64: where their entries are subnormal there, the spread shows it; where
+    they overflow, that is not rounding and the run returns ``{"ok": False, "overflow": True}``. ``wide``
+    instead keeps the whole closed form in ``grams`` with overflow and underflow as they come (what a method
+    computing everything in its compute dtype would get). Returns ``{"ok": bool, ...}`` with ``S`` /
     ``S_inv`` (RefLoRA, ScaledGD: the two preconditioners), ``P`` (RefLoRA-S: ``sqrt(s*)``) or ``alpha``,
     ``beta``, ``column`` (ScaLoRA), and ``margin`` (RefLoRA, ScaledGD: the Gram eigenvalue ratio).
     """
@@ -65,23 +70,24 @@ def closed_form(kind: str, L: dict, method: dict, perturb: float = 0.0, seed: in
     if perturb:
         rng = np.random.default_rng(seed)
         Ap, Bp, gAp, gBp = (x * (1 + perturb * rng.choice([-1.0, 1.0], x.shape)) for x in (Ap, Bp, gAp, gBp))
+    errors = {"all": "ignore"} if grams == "float64" or wide else {"all": "ignore", "over": "raise"}
     try:
-        with np.errstate(all="ignore"):
-            return _closed_form(kind, Ap, Bp, gAp, gBp, s, method, _products(grams))
+        with np.errstate(**errors):
+            return _closed_form(kind, Ap, Bp, gAp, gBp, s, method, _products(grams, wide))
     except np.linalg.LinAlgError:  # a singular system (e.g. rounded Grams): no closed form from these inputs
         return {"ok": False, "margin": 0.0}
+    except FloatingPointError:
+        return {"ok": False, "margin": 0.0, "overflow": True}
 
 
-def _products(dtype: str):
-    """``mm(X, Y)``: ``X @ Y`` formed in ``dtype`` (numpy's own float32 arithmetic: products and sums rounded,
-    subnormals and overflow as they come), returned in float64; ``mm(X)``: ``X`` rounded to ``dtype``."""
+def _products(dtype: str, wide: bool):
+    """``mm(X, Y)``: ``X @ Y`` formed in ``dtype``; ``mm(X)``: ``X`` rounded to ``dtype``. Returned in float64,
+    or (``wide``) kept in ``dtype``, so that everything computed from them stays in numpy's float32 arithmetic
+    (products, sums and cancellations rounded, subnormals and overflow as they come)."""
 
     def mm(X, Y=None):
-        if Y is None:
-            return ref.round_to(X, dtype)
-        if dtype == "float64":
-            return X @ Y
-        return (np.asarray(X, dtype=dtype) @ np.asarray(Y, dtype=dtype)).astype(np.float64)
+        out = np.asarray(X, dtype=dtype) if Y is None else np.asarray(X, dtype=dtype) @ np.asarray(Y, dtype=dtype)
+        return out if wide else out.astype(np.float64)
 
     return mm
 
@@ -153,8 +159,10 @@ def method_step(kind: str, L: dict, method: dict, rnd, decision: dict) -> dict:
         return out
     with np.errstate(all="ignore"):
         if kind in ("reflora", "scaledgd"):
-            out["gAp"] = rnd(decision["S_inv"] @ L["gAp"], "param")
-            out["gBp"] = rnd(L["gBp"] @ decision["S"], "param")
+            cast = decision.get("product", "float64")  # the dtype the preconditioned gradients are formed in
+            gA, gB = (np.asarray(x, dtype=cast) for x in (L["gAp"], L["gBp"]))
+            out["gAp"] = rnd(np.asarray(decision["S_inv"], dtype=cast) @ gA, "param")
+            out["gBp"] = rnd(gB @ np.asarray(decision["S"], dtype=cast), "param")
             return out
         if kind == "reflora_s":
             r, P = L["Ap"].shape[0], decision["P"]
@@ -242,47 +250,88 @@ def _dtype_of(key: tuple, L: dict) -> str:
     return "float32" if key[1] == "buffer" else L["dtypes"]["param"]
 
 
+def norm(x) -> float:
+    """Frobenius norm of the finite entries, scaled first so that values near the end of the range do not overflow."""
+    x = np.asarray(x, dtype=np.float64)
+    x = np.where(np.isfinite(x), x, 0.0)
+    top = float(np.abs(x).max()) if x.size else 0.0
+    return top * float(np.linalg.norm(x / top)) if top > 0 else 0.0
+
+
 def _spread(a: np.ndarray, b: np.ndarray) -> float:
     both = np.isfinite(a) & np.isfinite(b)
-    return float(np.linalg.norm(np.where(both, a - b, 0.0)))
+    return norm(np.where(both, a - b, 0.0))
 
 
-def expect(kind: str, L: dict, method: dict, opt: dict, apply: bool) -> dict:
-    """Expected values and tolerances of every tensor of one layer after the method and after the optimizer.
+def signature(kind: str, decision: dict) -> tuple:
+    """The discrete part of a decision: whether there is a step, and ScaLoRA's case (column theorem or scalar,
+    and which scalings are exactly zero: the one-sided optima of Thm 3)."""
+    if kind != "scalora" or not decision["ok"]:
+        return (decision["ok"],)
+    return (True, decision["column"], tuple(decision["alpha"] == 0), tuple(decision["beta"] == 0))
 
-    ``apply``: the method takes its step on this layer (else only the optimizer's update). Returns
-    ``{"decision": ..., "tensors": {key: (value, tolerance, stored)}}``: ``value`` the exact float64 result,
-    ``stored`` the result with storage rounding (its non-finite entries are the ones the dtype must show), and
-    ``tolerance = SPREAD_MULTIPLE * max(measured spread, u * ||value||)`` in the Frobenius norm (module docstring).
-    """
-    kind = kind if apply else "lora"
-    decision = closed_form(kind, L, method) if kind != "lora" else {"ok": False}
+
+def _tensors(kind, L, method, opt, decision, extra: float = 0.0, moved=()) -> dict:
+    """``{key: (value, tolerance, stored)}`` of one decision (see :func:`expect`)."""
     exact_run = flatten(run(kind, L, method, opt, EXACT, decision))
     stored_run = flatten(run(kind, L, method, opt, Storage(L["dtypes"]), decision))
     spreads = {key: _spread(stored_run[key], v) for key, v in exact_run.items()}
-    compute = method.get("compute", "float64")
-    moves = []
-    if kind != "lora" and decision["ok"]:
-        # the backward error of a Gram's inner products of length n: gamma_n ~ n u (Higham, Sec. 3.1), and at
-        # least one ulp of 1 (2u: a relative change of u itself is a tie that rounds back to the input)
-        n = max(2, *L["Ap"].shape, *L["Bp"].shape)
-        moves = [{"perturb": n * ref.UNIT_ROUNDOFF[compute], "seed": i} for i in range(PERTURBATIONS)]
-        moves += [{"grams": compute}] if compute != "float64" else []
-    for move in moves:
-        moved = closed_form(kind, L, method, **move)
-        if not moved["ok"]:
-            continue
-        for key, v in flatten(run(kind, L, method, opt, EXACT, moved)).items():
+    for other in moved:
+        for key, v in flatten(run(kind, L, method, opt, EXACT, other)).items():
             spreads[key] = max(spreads[key], _spread(stored_run[key], exact_run[key]) + _spread(v, exact_run[key]))
     tensors = {}
     for key, value in exact_run.items():
         floor = ref.UNIT_ROUNDOFF[_dtype_of(key, L)]
         if key[1] == "W" and L.get("merge_mode") == "stochastic":
             floor *= 2  # stochastic rounding errs by up to one ulp, nearest by half of one
-        finite = np.where(np.isfinite(value), value, 0.0)
-        tol = SPREAD_MULTIPLE * max(spreads[key], floor * float(np.linalg.norm(finite)))
+        size = norm(value)
+        tol = SPREAD_MULTIPLE * max(spreads[key] + extra * size, floor * size)
         tensors[key] = (value, tol, stored_run[key])
-    return {"decision": decision, "tensors": tensors}
+    return tensors
+
+
+def expect(kind: str, L: dict, method: dict, opt: dict, apply: bool) -> dict:
+    """Expected values and tolerances of every tensor of one layer after the method and after the optimizer.
+
+    ``apply``: the method takes its step on this layer (else only the optimizer's update). Returns
+    ``{"decision": ..., "tensors": {key: (value, tolerance, stored)}, "alternatives": [...]}``: ``value`` the
+    exact float64 result, ``stored`` the result with storage rounding (its non-finite entries are the ones the
+    dtype must show), and ``tolerance = SPREAD_MULTIPLE * max(measured spread, u * ||value||)`` in the Frobenius
+    norm (module docstring). ``alternatives``: where a run that measures rounding (a perturbation, or the closed
+    form in the compute dtype) reaches another discrete decision (:func:`signature`), the decision is within
+    rounding of a boundary of the theorem; each such decision, with the same rule plus ``n u_compute`` relative
+    for closed-form values known only to the compute dtype, is as acceptable as the float64 one.
+    """
+    kind = kind if apply else "lora"
+    decision = closed_form(kind, L, method) if kind != "lora" else {"ok": False}
+    compute = method.get("compute", "float64")
+    n = max(2, *L["Ap"].shape, *L["Bp"].shape)
+    moves = []
+    if kind != "lora":
+        # the backward error of a Gram's inner products of length n: gamma_n ~ n u (Higham, Sec. 3.1), and at
+        # least one ulp of 1 (2u: a relative change of u itself is a tie that rounds back to the input)
+        moves = [{"perturb": n * ref.UNIT_ROUNDOFF[compute], "seed": i} for i in range(PERTURBATIONS)]
+        moves += [{"grams": compute}] if compute != "float64" else []
+    moved = [d for d in (closed_form(kind, L, method, **move) for move in moves) if not d.get("overflow")]
+    mine = signature(kind, decision)
+    same = [d for d in moved if d["ok"] and signature(kind, d) == mine] if decision["ok"] else []
+    others = {signature(kind, d): d for d in moved if signature(kind, d) != mine}
+    alternatives = [
+        {"decision": d, "tensors": _tensors(kind, L, method, opt, d, n * ref.UNIT_ROUNDOFF[compute])}
+        for d in others.values()
+    ]
+    out = {"decision": decision, "tensors": _tensors(kind, L, method, opt, decision, 0.0, same)}
+    out["alternatives"], out["out_of_range"] = alternatives, None
+    if kind != "lora" and compute != "float64":
+        # everything in the compute dtype, overflow and underflow as they come: not rounding, but what a method
+        # that lets the compute dtype's range change its step silently would do (the judge names it)
+        wide = closed_form(kind, L, method, grams=compute, wide=True)
+        if wide["ok"]:
+            extra, exact_product = n * ref.UNIT_ROUNDOFF[compute], dict(wide)  # its spread: the float32 product
+            wide["product"] = compute
+            tensors = _tensors(kind, L, method, opt, wide, extra, [exact_product])
+            out["out_of_range"] = {"decision": wide, "tensors": tensors}
+    return out
 
 
 def expect_param(p: np.ndarray, g, st: dict, opt: dict, dtype: str) -> dict:
@@ -295,6 +344,6 @@ def expect_param(p: np.ndarray, g, st: dict, opt: dict, dtype: str) -> dict:
     out = {}
     for key, value in flat[0].items():
         finite = np.where(np.isfinite(value), value, 0.0)
-        floor = ref.UNIT_ROUNDOFF[dtype] * float(np.linalg.norm(finite))
+        floor = ref.UNIT_ROUNDOFF[dtype] * norm(finite)
         out[key] = (value, SPREAD_MULTIPLE * max(_spread(flat[1][key], value), floor), flat[1][key])
     return out
