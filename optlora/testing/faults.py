@@ -23,6 +23,7 @@ The catalogue of cases is :mod:`optlora.testing.fault_cases`; ``bench/fault_matr
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -46,6 +47,7 @@ class Outcome:
     detail: str = ""
     known: str = ""  # "corrupt" only: the known issue every problem belongs to (oracle.CLASS6), if all do
     ratio: float = 0.0  # the largest error / tolerance of a tensor the oracle compared (below 1 when it passed)
+    fingerprint: str = ""  # "before:after" whole-state hashes of the observed step (:func:`fingerprint`), if any
 
 
 @dataclass
@@ -144,16 +146,42 @@ def classify(method, before: Snapshot, mid: Snapshot | None, after: Snapshot, ex
     """The outcome of one observed ``optimizer.step()`` (see the module docstring)."""
     opt = method.optimizer
     verdict = judge(method, opt, before, mid, after, exc, exc is not None and clear_error(exc))
+    mark = f"{fingerprint(before)}:{fingerprint(after)}"
     if verdict.kind != "corrupt":
         detail = f"{type(exc).__name__}: {str(exc)[:120]}" if exc is not None else _skips(method, verdict.kind)
-        return Outcome(verdict.kind, detail, ratio=verdict.ratio)
+        return Outcome(verdict.kind, detail, ratio=verdict.ratio, fingerprint=mark)
     tags = {tag for _, tag in verdict.problems}
     return Outcome(
         "corrupt",
         "; ".join(text for text, _ in verdict.problems),
         known=",".join(sorted(tags)) if "" not in tags else "",
         ratio=verdict.ratio,
+        fingerprint=mark,
     )
+
+
+def fingerprint(snap: Snapshot) -> str:
+    """A hash of a whole-state snapshot (tensors, gradients, optimizer state, the method's state): two runs of a
+    case end in the same state iff their fingerprints are equal (the mutation check compares them)."""
+    digest = hashlib.sha256()
+
+    def feed(x) -> None:
+        if isinstance(x, dict):
+            for k in sorted(x, key=str):
+                digest.update(str(k).encode())
+                feed(x[k])
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                feed(v)
+        elif isinstance(x, torch.Tensor):
+            digest.update(
+                str(x.dtype).encode() + x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            )
+        else:
+            digest.update(repr(x).encode())
+
+    feed([snap.tensors, snap.grads, snap.opt_state, snap.method])
+    return digest.hexdigest()[:16]
 
 
 def _skips(method, kind: str) -> str:

@@ -281,9 +281,9 @@ def _tensors(kind, L, method, opt, decision, extra: float = 0.0, moved=()) -> di
             spreads[key] = max(spreads[key], _spread(stored_run[key], exact_run[key]) + _spread(v, exact_run[key]))
     tensors = {}
     for key, value in exact_run.items():
+        # one rounding of the result: u ||x||. Stochastic rounding (modelled as nearest) errs by up to one ulp, at
+        # most 2u|x| per entry; the multiple covers it (its mean error is at most half an ulp, as nearest's bound)
         floor = ref.UNIT_ROUNDOFF[_dtype_of(key, L)]
-        if key[1] == "W" and L.get("merge_mode") == "stochastic":
-            floor *= 2  # stochastic rounding errs by up to one ulp, nearest by half of one
         size = norm(value)
         tol = SPREAD_MULTIPLE * max(spreads[key] + extra * size, floor * size)
         tensors[key] = (value, tol, stored_run[key])
