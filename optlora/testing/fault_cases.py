@@ -15,7 +15,12 @@ from functools import partial
 
 import torch
 
-from .fault_cases_misuse import argument_cases, misuse_cases, tied_cases
+from .fault_cases_misuse import (
+    _tied_llama,  # noqa: F401 - tests/test_distributed.py builds its tied model from here
+    argument_cases,
+    misuse_cases,
+    tied_cases,
+)
 from .faults import METHODS, Case, Setup, run_step
 from .oracle import CLASS6
 

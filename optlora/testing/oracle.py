@@ -4,7 +4,7 @@ method touches is compared with an independent expectation.
 :func:`capture` snapshots the *whole* state: every tensor of the model's ``state_dict`` (LoRA factors, base
 weights, everything else), every gradient, every optimizer state tensor (moments and step counters) and
 hyperparameter, torch's global RNG state, and the method's own state (counters, skip counts, last skip
-reasons, ScaLoRA's merge buffers, low-rank residuals and rounding-generator states). :func:`judge` then
+reasons, ScaLoRA's merge buffers, low-rank residuals and rounding-generator states). :func:`.judge.judge` then
 takes the snapshots before the step, between the method's pre-hook and the optimizer's update (``mid``) and
 after the step, and checks them against:
 
@@ -21,6 +21,12 @@ after the step, and checks them against:
 * everything else: bit-identical; torch's RNG untouched; the method's rounding generator advanced exactly
   when a stochastic merge happened; ``steps`` + 1, ``method_steps`` + 1 iff a layer took the method's step,
   each skip counted once under its reason.
+
+Where rounding in the compute dtype can flip a discrete decision (ScaLoRA's case, a skip), the step of each
+decision a rounding run reaches is accepted (:func:`.reference_step.expect`). A step that matches only the
+compute dtype's out-of-range arithmetic is a finding of this oracle, tagged ``judge.COMPUTE_RANGE``
+(docs/RELIABILITY.md, "Findings of this oracle"). Low-rank residuals (quantised bases) have no reference yet:
+the judge says it cannot judge them.
 """
 
 from __future__ import annotations
