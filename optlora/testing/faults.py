@@ -1,27 +1,29 @@
-"""Fault injection: run one fault against a method and classify what happened (issue #8, docs/RELIABILITY.md).
+"""Fault injection: run one fault against a method and classify what happened (issues #8, #16; docs/RELIABILITY.md).
 
 A *step fault* builds a tiny PEFT model with a method and an optimizer, takes plain steps,
 computes fresh gradients, injects the fault (NaN/Inf, extreme scales, ...) and calls
-``optimizer.step()``. :func:`observe` snapshots every LoRA factor, gradient, base weight and
-optimizer moment before the call and, through a second step pre-hook that runs after the
-method's, after the method and before the optimizer's own update. :func:`classify` then names
-the outcome:
+``optimizer.step()``. :func:`observe` snapshots the whole state (:func:`optlora.testing.oracle.capture`:
+model tensors, gradients, optimizer state, the method's counters, buffers and generators, torch's RNG)
+before the call, between the method's pre-hook and the optimizer's update (a second pre-hook registered
+after the method's), and after the call returns. :func:`classify` hands the three to the whole-state oracle
+(:func:`optlora.testing.judge.judge`) and names the outcome:
 
 * ``error``   -- a clear exception (``ValueError``/``TypeError``/``RuntimeError`` with a message, never
-  a ``LinAlgError`` or ``KeyError``) and nothing modified (tensors and counters bit-identical);
-* ``skip``    -- the method left the faulty layers exactly as they were and ``stats()`` names each with
-  its reason (the optimizer's own step then treats them as plain LoRA);
-* ``applied`` -- the method took its step on every layer and it is right: every tensor finite and each
-  layer's effective weight ``W + s B A`` kept to the merge's rounding bound;
-* ``plain``   -- a step on which the method is not due: it changed nothing;
-* ``corrupt`` -- anything else (a NaN the method produced, a changed function, an unreported skip,
-  a miscounted step, an unclear or late error). The suite asserts that it never happens.
+  a ``LinAlgError`` or ``KeyError``) and the whole state bit-identical;
+* ``skip``    -- a due step on which the method left some layers to the plain step (or, for NaN/Inf, untouched),
+  each reported and counted, and everything else as the reference says;
+* ``applied`` -- a due step on which every layer took the method's step, and the whole state after the step
+  equals the float64 reference to measured rounding;
+* ``plain``   -- a step on which the method is not due: the optimizer's update alone;
+* ``corrupt`` -- anything else. ``Outcome.known`` names the issue when every problem is a known one (issue #16
+  class 6: a layer skipped for NaN/Inf still moves in the optimizer's update).
 
 The catalogue of cases is :mod:`optlora.testing.fault_cases`; ``bench/fault_matrix.py`` prints it.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,15 +31,32 @@ import torch
 from torch import nn
 
 from .. import make_method
+from .judge import judge
+from .oracle import Snapshot, capture
 
 OUTCOMES = ("error", "skip", "applied", "plain", "corrupt")
 CLEAR_ERRORS = (ValueError, TypeError, RuntimeError)
+
+
+METHODS = ("reflora", "reflora_s", "scalora", "scalora_i", "scaledgd")
 
 
 @dataclass
 class Outcome:
     kind: str  # one of OUTCOMES
     detail: str = ""
+    known: str = ""  # "corrupt" only: the known issue every problem belongs to (oracle.CLASS6), if all do
+    ratio: float = 0.0  # the largest error / tolerance of a tensor the oracle compared (below 1 when it passed)
+    fingerprint: str = ""  # "before:after" whole-state hashes of the observed step (:func:`fingerprint`), if any
+
+
+@dataclass
+class Case:
+    """One catalogued fault (:mod:`optlora.testing.fault_cases`): its class, a name, and how to run it."""
+
+    cls: str
+    name: str
+    run: Callable[[], Outcome]
 
 
 # ---------------------------------------------------------------------------------------- tiny setups
@@ -97,70 +116,15 @@ class Setup:
 
 
 # ---------------------------------------------------------------------------------------- observing a step
-def snapshot(method, opt) -> dict:
-    """Clones of every factor, gradient, base weight and optimizer moment of each layer, and the counters."""
-    layers = {}
-    for f in method.factors:
-        d = {
-            "A": f.lora_A.detach().clone(),
-            "B": f.lora_B.detach().clone(),
-            "W": f.base_weight.detach().clone(),
-            "s": f.scaling,
-            "fifo": f.fan_in_fan_out,
-        }
-        for key, p in (("gA", f.lora_A), ("gB", f.lora_B)):
-            d[key] = None if p.grad is None else p.grad.detach().clone()
-        for key, p in (("mA", f.lora_A), ("mB", f.lora_B)):
-            d[key] = [
-                t.detach().clone() for t in opt.state.get(p, {}).values() if isinstance(t, torch.Tensor) and t.dim()
-            ]
-        layers[f.name] = d
-    return {"layers": layers, "steps": method.steps, "method_steps": method.method_steps}
-
-
-def _same(a, b) -> bool:
-    if a is None or b is None:
-        return a is b
-    if isinstance(a, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
-
-
-def _layer_same(x: dict, y: dict) -> bool:
-    return all(_same(x[k], y[k]) for k in ("A", "B", "W", "gA", "gB", "mA", "mB"))
-
-
-def _finite(d: dict) -> bool:
-    tensors = [d["A"], d["B"], d["W"], *(t for t in (d["gA"], d["gB"]) if t is not None), *d["mA"], *d["mB"]]
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
-def effective_weight(d: dict) -> torch.Tensor:
-    delta = d["s"] * d["B"].double() @ d["A"].double()
-    return d["W"].double() + (delta.T if d["fifo"] else delta)
-
-
-def function_error(before: dict, after: dict) -> float:
-    """``||W_eff(after) - W_eff(before)||_F / (||W|| + ||s B A||)`` in float64."""
-    scale = before["W"].double().norm() + (before["s"] * before["B"].double() @ before["A"].double()).norm()
-    diff = (effective_weight(after) - effective_weight(before)).norm()
-    return float(diff / scale) if scale > 0 else float(diff)
-
-
-def tolerance(method, d: dict) -> float:
-    """The rounding bound a method's step must keep ``W + s B A`` to (merge growth bound for ScaLoRA)."""
-    u_w, u_f = torch.finfo(d["W"].dtype).eps / 2, torch.finfo(d["A"].dtype).eps / 2
-    growth = method.max_merge_growth(d["W"].dtype) if hasattr(method, "max_merge_growth") else 1.0
-    return 4 * growth * u_w + 16 * u_f  # stochastic rounding errs by up to one ulp (2u), both factors rescaled
-
-
-def observe(method, opt, call: Callable[[], object]) -> tuple[dict, dict | None, dict, BaseException | None]:
+def observe(
+    method, opt, call: Callable[[], object], model=None
+) -> tuple[Snapshot, Snapshot | None, Snapshot, BaseException | None]:
     """``(before, mid, after, exception)`` around ``call``; ``mid`` is taken after the method, before the update."""
-    before = snapshot(method, opt)
+    before = capture(method, opt, model)
     seen: dict = {}
 
     def after_method(*_) -> None:  # registered after the method's hook: runs between it and the update
-        seen.setdefault("mid", snapshot(method, opt))
+        seen.setdefault("mid", capture(method, opt, model))
 
     handle = opt.register_step_pre_hook(after_method)
     exc = None
@@ -170,7 +134,7 @@ def observe(method, opt, call: Callable[[], object]) -> tuple[dict, dict | None,
         exc = e
     finally:
         handle.remove()
-    return before, seen.get("mid"), snapshot(method, opt), exc
+    return before, seen.get("mid"), capture(method, opt, model), exc
 
 
 def clear_error(exc: BaseException) -> bool:
@@ -178,51 +142,57 @@ def clear_error(exc: BaseException) -> bool:
     return isinstance(exc, CLEAR_ERRORS) and not isinstance(exc, linalg) and len(str(exc)) >= 30
 
 
-def classify(method, before: dict, mid: dict | None, after: dict, exc: BaseException | None) -> Outcome:
+def classify(method, before: Snapshot, mid: Snapshot | None, after: Snapshot, exc: BaseException | None) -> Outcome:
     """The outcome of one observed ``optimizer.step()`` (see the module docstring)."""
-    if exc is not None:
-        unchanged = all(_layer_same(before["layers"][n], after["layers"][n]) for n in before["layers"])
-        counters = (before["steps"], before["method_steps"]) == (after["steps"], after["method_steps"])
-        if clear_error(exc) and unchanged and counters:
-            return Outcome("error", f"{type(exc).__name__}: {str(exc)[:120]}")
-        return Outcome(
-            "corrupt", f"{type(exc).__name__} (clear={clear_error(exc)}, unchanged={unchanged and counters})"
-        )
-    if mid is None:
-        return Outcome("corrupt", "optimizer.step() returned without running its pre-hooks")
-    if after["steps"] != before["steps"] + 1:
-        return Outcome("corrupt", f"steps went from {before['steps']} to {after['steps']}")
-    due = method.is_due(before["steps"] + 1)
-    if not due or not any(before["layers"][n]["gA"] is not None for n in before["layers"]):
-        if all(_layer_same(before["layers"][n], mid["layers"][n]) for n in before["layers"]):
-            return Outcome("plain")
-        return Outcome("corrupt", "the method changed a layer on a step where it is not due")
-    stats = method.stats()
-    reasons = stats.get("last_skip_reasons", dict.fromkeys(stats.get("last_skipped_layers", []), "reported"))
-    skipped, problems = [], []
-    for name, b in before["layers"].items():
-        m = mid["layers"][name]
-        if name in reasons:
-            skipped.append(name)
-            if not _layer_same(b, m):
-                problems.append(f"{name} reported skipped ({reasons[name]}) but modified")
-        elif not _finite(m):
-            problems.append(f"{name}: the method produced NaN/Inf")
-        elif function_error(b, m) > tolerance(method, b):
-            problems.append(f"{name}: function changed by {function_error(b, m):.2e} > {tolerance(method, b):.2e}")
-    applied = len(skipped) < len(before["layers"])
-    if after["method_steps"] != before["method_steps"] + int(applied):
-        problems.append(f"method_steps {before['method_steps']} -> {after['method_steps']}, applied={applied}")
-    if problems:
-        return Outcome("corrupt", "; ".join(problems))
-    if skipped:
-        return Outcome("skip", ", ".join(f"{n}: {reasons[n]}" for n in skipped))
-    return Outcome("applied")
+    opt = method.optimizer
+    verdict = judge(method, opt, before, mid, after, exc, exc is not None and clear_error(exc))
+    mark = f"{fingerprint(before)}:{fingerprint(after)}"
+    if verdict.kind != "corrupt":
+        detail = f"{type(exc).__name__}: {str(exc)[:120]}" if exc is not None else _skips(method, verdict.kind)
+        return Outcome(verdict.kind, detail, ratio=verdict.ratio, fingerprint=mark)
+    tags = {tag for _, tag in verdict.problems}
+    return Outcome(
+        "corrupt",
+        "; ".join(text for text, _ in verdict.problems),
+        known=",".join(sorted(tags)) if "" not in tags else "",
+        ratio=verdict.ratio,
+        fingerprint=mark,
+    )
+
+
+def fingerprint(snap: Snapshot) -> str:
+    """A hash of a whole-state snapshot (tensors, gradients, optimizer state, the method's state): two runs of a
+    case end in the same state iff their fingerprints are equal (the mutation check compares them)."""
+    digest = hashlib.sha256()
+
+    def feed(x) -> None:
+        if isinstance(x, dict):
+            for k in sorted(x, key=str):
+                digest.update(str(k).encode())
+                feed(x[k])
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                feed(v)
+        elif isinstance(x, torch.Tensor):
+            digest.update(
+                str(x.dtype).encode() + x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            )
+        else:
+            digest.update(repr(x).encode())
+
+    feed([snap.tensors, snap.grads, snap.opt_state, snap.method])
+    return digest.hexdigest()[:16]
+
+
+def _skips(method, kind: str) -> str:
+    if kind != "skip":
+        return ""
+    return ", ".join(f"{n}: {r}" for n, r in method.stats().get("last_skip_reasons", {}).items())
 
 
 def expected(outcome: Outcome, allowed: tuple[str, ...]) -> Outcome:
     """``outcome``, or ``corrupt`` if it is not one the fault must end in (e.g. a NaN under "raise" must be an error)."""
-    if outcome.kind in allowed:
+    if outcome.kind in allowed or outcome.kind == "corrupt":
         return outcome
     return Outcome("corrupt", f"expected {'/'.join(allowed)}, got {outcome.kind}: {outcome.detail}")
 

@@ -222,20 +222,146 @@ def transfer(state: dict, row: np.ndarray | None = None, col: np.ndarray | None 
     return out
 
 
-def adamw_step(p, g, st, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, amsgrad=False):
-    """One decoupled-weight-decay Adam step (Loshchilov & Hutter); ``st`` has exp_avg, exp_avg_sq, step."""
+def _same(x):
+    return x
+
+
+def adamw_step(
+    p, g, st, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, amsgrad=False, decoupled=True, rnd=_same
+):
+    """One Adam step, decoupled weight decay (AdamW, Loshchilov & Hutter) or L2 (``decoupled=False``: Adam).
+
+    ``st`` has exp_avg, exp_avg_sq, step. ``rnd`` rounds every stored intermediate to the storage dtype
+    (:func:`round_to`; identity: exact float64), in the order of the textbook update: decay the weight,
+    update the first and second moments, the bias-corrected denominator, the step.
+    """
     b1, b2 = betas
     t = st.get("step", 0) + 1
-    m = b1 * st.get("exp_avg", np.zeros_like(p)) + (1 - b1) * g
-    v = b2 * st.get("exp_avg_sq", np.zeros_like(p)) + (1 - b2) * g * g
+    if weight_decay and not decoupled:
+        g = rnd(g + weight_decay * p)
+    m0 = st.get("exp_avg", np.zeros_like(p))
+    m = rnd(m0 + (1 - b1) * (g - m0))  # b1 m + (1 - b1) g, as an interpolation
+    v = rnd(rnd(b2 * st.get("exp_avg_sq", np.zeros_like(p))) + (1 - b2) * g * g)
     new = {"step": t, "exp_avg": m, "exp_avg_sq": v}
     vv = v
     if amsgrad:
         vv = np.maximum(st.get("max_exp_avg_sq", np.zeros_like(p)), v)
         new["max_exp_avg_sq"] = vv
-    p = p * (1 - lr * weight_decay)
-    p = p - lr * (m / (1 - b1**t)) / (np.sqrt(vv / (1 - b2**t)) + eps)
+    if weight_decay and decoupled:
+        p = rnd(p * (1 - lr * weight_decay))
+    denom = rnd(rnd(rnd(np.sqrt(vv)) / np.sqrt(1 - b2**t)) + eps)
+    p = rnd(p - (lr / (1 - b1**t)) * m / denom)
     return p, new
+
+
+def sgd_step(p, g, st, *, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, rnd=_same):
+    """One SGD step with (Nesterov) momentum and L2 weight decay, as Sutskever et al. and PyTorch define it.
+
+    The first step takes the buffer ``b = g``; later ``b = mu b + (1 - dampening) g``; the step is ``p - lr b``
+    (``p - lr (g + mu b)`` with Nesterov). ``rnd`` rounds every stored intermediate (see :func:`adamw_step`).
+    """
+    if weight_decay:
+        g = rnd(g + weight_decay * p)
+    new = {}
+    if momentum:
+        b0 = st.get("momentum_buffer")
+        b = g.copy() if b0 is None else rnd(rnd(momentum * b0) + (1 - dampening) * g)
+        new["momentum_buffer"] = b
+        g = rnd(g + momentum * b) if nesterov else b
+    return rnd(p - lr * g), new
+
+
+# --------------------------------------------------------------------------- storage rounding
+
+
+def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    """``x`` rounded to nearest (ties to even) in ``dtype`` and returned as float64: the storage model.
+
+    ``dtype`` is ``"float64"``, ``"float32"``, ``"float16"`` or ``"bfloat16"``; bfloat16 (numpy has none)
+    keeps the top 16 bits of the float32 value, rounded to nearest even (overflow gives +-inf).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if dtype == "float64":
+        return x
+    with np.errstate(over="ignore", invalid="ignore"):
+        if dtype in ("float32", "float16"):
+            return x.astype(dtype).astype(np.float64)
+        if dtype != "bfloat16":
+            raise ValueError(f"unknown storage dtype {dtype!r}")
+        f = np.ascontiguousarray(x.astype(np.float32))
+        bits = f.view(np.uint32).astype(np.uint64)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        out = bits.astype(np.uint32).view(np.float32)
+        return np.where(np.isfinite(f), out, f).astype(np.float64)
+
+
+UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+LARGEST = {"float64": 1.7976931348623157e308, "float32": 3.4028234663852886e38, "float16": 65504.0}
+LARGEST["bfloat16"] = 3.3895313892515355e38
+#: smallest positive normal number of each dtype
+SMALLEST_NORMAL = {"float64": 2.2250738585072014e-308, "float32": 2.0**-126, "float16": 2.0**-14}
+SMALLEST_NORMAL["bfloat16"] = 2.0**-126
+
+
+# --------------------------------------------------------------------------- decisions (when a closed form exists)
+
+
+def gram_ratio(M: np.ndarray) -> float:
+    """Smallest over largest eigenvalue of a PSD Gram (0 for a zero or rank-deficient one)."""
+    w = np.linalg.eigvalsh(0.5 * (M + M.T))
+    return float(max(w[0], 0.0) / w[-1]) if w[-1] > 0 else 0.0
+
+
+def reflora_margin(AtA: np.ndarray, BtB: np.ndarray) -> float:
+    """RefLoRA's Assumption 1 margin from the Grams: the smaller eigenvalue ratio of ``A^T A`` and of
+    ``(A^T A)^(1/2) B^T B (A^T A)^(1/2)`` (the squared singular values of ``A B^T``, whose roots enter ``S``)."""
+    Xh = spd_power(AtA, 0.5)
+    return min(gram_ratio(AtA), gram_ratio(Xh @ BtB @ Xh))
+
+
+def scalar_quantities_of(K: np.ndarray, lam: np.ndarray) -> dict:
+    """The five numbers of the scalar theorem as block sums of the column system (ScaLoRA Thms 3, 5):
+    ``g_A, g_B`` sum the two halves of ``lambda``; ``p_A, p_B, p_AB`` sum the blocks of ``K``
+    (``K = (A^T A o dB^T dB, A^T dA o dB^T B; ., dA^T dA o B^T B)``, and ``dB^T B = A^T G B = A^T dA``)."""
+    r = K.shape[0] // 2
+    blocks = {"gA": lam[:r], "gB": lam[r:], "pA": K[:r, :r], "pB": K[r:, r:], "pAB": K[:r, r:]}
+    return {k: v.sum() for k, v in blocks.items()}  # numpy scalars of K's dtype: float32 stays float32
+
+
+def scalora_decision(K: np.ndarray, lam: np.ndarray, kappa: float, mode: str = "hybrid"):
+    """ScaLoRA's per-layer rule (Thms 3 and 5) and when it takes no step: ``(alpha, beta, column, ok)``.
+
+    ``K, lam``: the column system (:func:`column_system`). ``mode``: ``"hybrid"`` (column theorem where
+    ``K v = lambda`` has ``v > 0``, else the scalar theorem), ``"column"`` (no step without a positive column
+    solution) or ``"scalar"``. The scalar rule is :func:`scalar_kkt`; it takes no step where it gains nothing
+    (value 0: a stationary point, or ``p_A = p_B = 0``). The documented decision at LoRA's init (``B = 0``, so
+    ``p_B = p_AB = 0``): ``beta`` does not enter the bound, and ``B`` keeps its scale (``beta = 1``).
+    """
+    r = K.shape[0] // 2
+    if mode != "scalar":
+        try:
+            a, b, _, ok = column_scaling(K, lam, kappa)
+        except np.linalg.LinAlgError:
+            ok = False
+        if ok:
+            return a, b, True, True
+        if mode == "column":
+            return np.ones(r), np.ones(r), False, False
+    q = scalar_quantities_of(K, lam)
+    x, y, val = scalar_kkt(q, kappa)
+    if not (val < 0):
+        return np.ones(r), np.ones(r), False, False
+    if q["pB"] == 0 and q["pAB"] == 0 and y == 0:
+        y = 1.0
+    return np.full(r, np.sqrt(x)), np.full(r, np.sqrt(y)), False, True
+
+
+def merge_growth(Ap, Bp, s: float, coeff: np.ndarray, W: np.ndarray) -> float:
+    """How much ScaLoRA's merge enlarges the rounding-error bound of the layer's function (ScaLoRA Sec. 3.1):
+    ``(||W|| + ||s B diag(c) A|| + ||s B diag(1 - c) A||) / (||W|| + ||s B A||)`` with ``c = 1 - alpha beta``."""
+    before = np.linalg.norm(W) + np.linalg.norm(s * Bp @ Ap)
+    after = np.linalg.norm(W) + np.linalg.norm(s * (Bp * coeff) @ Ap) + np.linalg.norm(s * (Bp * (1 - coeff)) @ Ap)
+    return float(after / before) if before > 0 else (1.0 if after == 0 else np.inf)
 
 
 # --------------------------------------------------------------------------- low-rank truncation
