@@ -58,8 +58,8 @@ def setup(spec, kind: str, rank: int, batch, **options):
         opt.step()
         opt.zero_grad(set_to_none=True)
     model(**batch).loss.backward()
-    if method is not None:
-        method.detach()  # call the hook directly
+    # the hook is called directly, with the method still attached: a detached method has no optimizer, so its
+    # moment range guards and its moment transfer (RefLoRA-S, ScaLoRA) would not run
     return method, opt
 
 

@@ -74,8 +74,7 @@ def main(argv=None) -> int:
         if method is None:
             lo, med = timed(lambda opt=opt: opt.step(), args.repeats)
             label = "AdamW.step (LoRA, reference)"
-        else:
-            method.detach()
+        else:  # called directly, still attached (detached, RefLoRA-S/ScaLoRA would skip the moment work)
             lo, med = timed(lambda m=method, o=opt: m._pre_step(o, (), {}), args.repeats)
             label = f"{kind} pre-hook"
         print(f"| {label:28s} | {lo:6.2f} | {med:9.2f} |", flush=True)
